@@ -1,0 +1,64 @@
+"""Tiny random models for tests: every component built from its "tiny" preset with seeded random weights, and a
+SentencePiece tokenizer trained on a small caption corpus written here."""
+
+import io
+import random
+
+import sentencepiece
+import torch
+
+import autoencoder
+import mmdit
+import t5
+from concept_attention import ConceptAttentionPipeline
+
+WORDS = (
+    "a an the red green blue yellow purple orange cat dog sky grass tree house car person skyscraper "
+    "circle square triangle star on in with and of under above next to background floor water mountain"
+).split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))) for _ in range(n)]
+
+
+def train_spiece(folder, vocab_size: int = 60) -> None:
+    """A small unigram SentencePiece model with T5's special ids (pad 0, eos 1, unk 2) as folder/spiece.model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus(2000)),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(model.getvalue())
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Every parameter drawn from N(0, std^2) (norm scales around 1), so untrained blocks still do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + noise if name.endswith(("scale", "norm.weight", "norm1.weight", "norm2.weight")) else noise)
+    return module.eval()
+
+
+def tiny_pipeline(tokenizer_folder, seed: int = 0, max_length: int = 16, depth: int = 3) -> ConceptAttentionPipeline:
+    config = mmdit.CONFIGS["tiny"]
+    config = type(config)(**{**config.__dict__, "depth": depth})
+    t5_config = t5.CONFIGS["tiny"]
+    flux = randomize(mmdit.Flux(config), seed)
+    ae = randomize(autoencoder.AutoEncoder(autoencoder.CONFIGS["tiny"]), seed + 1, std=0.1)
+    encoder = randomize(t5.T5Encoder(t5_config), seed + 2, std=0.5)
+    tokenizer = t5.T5Tokenizer.from_folder(tokenizer_folder)
+    return ConceptAttentionPipeline(flux, ae, encoder, tokenizer, device="cpu", max_length=max_length, source="tiny")
