@@ -1,0 +1,262 @@
+"""Readers for the real files of the two benchmarks and for a user's own folder of masks.
+
+Every reader gives, per image, a `Sample`: the RGB image, an integer mask (0 = background, 255 = ignored, any other
+value = the class named in `Sample.classes`), and a stable `key` (used to name cache files and to shard). Labels can be
+read without decoding the image (`label(i)`), so a protocol can pick its subset cheaply.
+
+- `ImageNetSegmentation`: `gtsegs_ijcv.mat` (Guillaumin et al., IJCV 2014; MATLAB v7.3, i.e. HDF5). Its struct
+  `value` holds four (N, 1) arrays of object references: `img` -> uint8 (3, W, H) (MATLAB is column-major, so an
+  image is read transposed to (H, W, 3)), `gt` -> a cell of references whose first entry -> uint8 (W, H) mask in
+  {0, 1}, `id` and `target` -> uint16 character arrays (`n02105162_7406`, `n02105162`). Follows the layout the
+  official ConceptAttention and Chefer et al. loaders read; differs in: the class name comes from our WordNet table
+  (`imagenet_names.py`), not NLTK, and nothing is converted to PNG first.
+- `VOCSegmentation`: `VOCdevkit/VOC2012` with `JPEGImages/`, `SegmentationClass/` (palette PNGs, 0 = background,
+  1..20 = classes, 255 = boundary) and `ImageSets/Segmentation/<split>.txt`.
+- `FolderSegmentation`: `images/`, `masks/<image stem>.png` and `concepts.csv` (columns `image,classes`, classes
+  separated by `;`) or `concepts.json` (`{"image.jpg": ["cat", "dog"]}`); mask value k = the k-th listed class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .imagenet_names import WNID_NAMES
+
+IMAGENET_SOURCE = (
+    "download gtsegs_ijcv.mat (Guillaumin et al., 'ImageNet auto-annotation with segmentation propagation', IJCV "
+    "2014) from http://calvin-vision.net/bigstuff/proj-imagenet/data/gtsegs_ijcv.mat"
+)
+VOC_SOURCE = (
+    "download VOCtrainval_11-May-2012.tar from the PASCAL VOC 2012 page "
+    "(http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) and unpack it; the folder holds VOCdevkit/VOC2012"
+)
+FOLDER_LAYOUT = (
+    "expected DIR/images/NAME.jpg|png, DIR/masks/NAME.png (0 = background, k = the k-th class listed for the image, "
+    "255 = ignore) and DIR/concepts.csv (columns image,classes; classes separated by ';') or DIR/concepts.json "
+    '({"NAME.jpg": ["cat", "dog"]})'
+)
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")  # fmt: skip
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image  # RGB
+    mask: np.ndarray  # (H, W) uint8: 0 background, 255 ignore, other values -> classes
+    classes: dict[int, str]  # mask value -> class name, for the values present
+
+
+def safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+
+
+def check_mask(mask: np.ndarray, allowed: set[int], path: str) -> np.ndarray:
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: a mask must be one channel of class indices, got shape {mask.shape}")
+    bad = sorted(set(np.unique(mask).tolist()) - allowed)
+    if bad:
+        raise ValueError(f"{path}: mask values {bad[:8]} are not class indices (allowed: {sorted(allowed)})")
+    return mask.astype(np.uint8)
+
+
+class ImageNetSegmentation:
+    """The 4,276 binary-mask images of `gtsegs_ijcv.mat`; each image's class is the WordNet first lemma of its id."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "gtsegs_ijcv.mat"
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ImageNet-Segmentation file {self.path} not found; {IMAGENET_SOURCE}")
+        try:
+            import h5py
+        except ImportError as e:
+            raise ImportError("reading gtsegs_ijcv.mat needs h5py: pip install h5py") from e
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"{self.path} is not a MATLAB v7.3 (HDF5) file ({e}); {IMAGENET_SOURCE}") from e
+        missing = [k for k in ("img", "gt", "id") if f"value/{k}" not in self.file]
+        if missing:
+            raise ValueError(f"{self.path} has no value/{missing[0]} array: not gtsegs_ijcv.mat; {IMAGENET_SOURCE}")
+        self.refs = {k: self.file[f"value/{k}"][()].ravel() for k in ("img", "gt", "id")}
+        if len({len(r) for r in self.refs.values()}) != 1:
+            raise ValueError(f"{self.path}: value/img, value/gt and value/id have different lengths")
+        self.ids = [self._text(r) for r in self.refs["id"]]
+        self.class_names = None  # binary masks with a per-image class
+
+    def _text(self, ref) -> str:
+        return "".join(chr(c) for c in np.asarray(self.file[ref]).ravel())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key(self, i: int) -> str:
+        return f"{i:05d}-{safe_key(self.ids[i])}"
+
+    def class_name(self, i: int) -> str:
+        wnid = self.ids[i].split("_")[0]
+        return WNID_NAMES.get(wnid, wnid)
+
+    def label(self, i: int) -> tuple[np.ndarray, dict[int, str]]:
+        cell = self.file[self.refs["gt"][i]]
+        mask = np.asarray(self.file[cell[()].ravel()[0]]).T  # (W, H) -> (H, W)
+        return check_mask(mask, {0, 1}, f"{self.path} value/gt[{i}]"), {1: self.class_name(i)}
+
+    def __getitem__(self, i: int) -> Sample:
+        pixels = np.asarray(self.file[self.refs["img"][i]])
+        if pixels.ndim == 2:  # a grey image: (W, H)
+            pixels = np.repeat(pixels[None], 3, axis=0)
+        image = Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8))  # (H, W, 3)
+        mask, classes = self.label(i)
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"{self.path} image {i}: mask {mask.shape} and image {image.size[::-1]} differ in size")
+        return Sample(self.key(i), image, mask, classes)
+
+    def describe(self) -> dict:
+        return {"dataset": "imagenet", "path": str(self.path), "images": len(self)}
+
+
+class VOCSegmentation:
+    """PASCAL VOC 2012 segmentation (`val`: 1,449 images); masks keep the VOC class indices."""
+
+    class_names = VOC_CLASSES
+
+    def __init__(self, root: str | Path, split: str = "val"):
+        root = Path(root)
+        candidates = [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"]
+        found = [c for c in candidates if (c / "SegmentationClass").is_dir()]
+        if not found:
+            raise FileNotFoundError(f"no VOC2012 folder (with SegmentationClass/) at {root}; {VOC_SOURCE}")
+        self.root, self.split = found[0], split
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"split file {split_file} not found; {VOC_SOURCE}")
+        self.names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        for name in self.names[:1] + self.names[-1:]:  # fail early on a half-unpacked folder
+            for path in (self.image_path(name), self.mask_path(name)):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} (listed in {split_file}) not found; {VOC_SOURCE}")
+
+    def image_path(self, name: str) -> Path:
+        return self.root / "JPEGImages" / f"{name}.jpg"
+
+    def mask_path(self, name: str) -> Path:
+        return self.root / "SegmentationClass" / f"{name}.png"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def key(self, i: int) -> str:
+        return safe_key(self.names[i])
+
+    def label(self, i: int) -> tuple[np.ndarray, dict[int, str]]:
+        path = self.mask_path(self.names[i])
+        if not path.is_file():
+            raise FileNotFoundError(f"mask {path} not found; {VOC_SOURCE}")
+        png = Image.open(path)
+        if png.mode not in ("P", "L"):
+            raise ValueError(f"{path}: mode {png.mode}; VOC masks are palette PNGs of class indices")
+        mask = check_mask(np.asarray(png), set(range(len(VOC_CLASSES))) | {255}, str(path))
+        return mask, {int(v): VOC_CLASSES[v] for v in np.unique(mask) if v not in (0, 255)}
+
+    def __getitem__(self, i: int) -> Sample:
+        path = self.image_path(self.names[i])
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found; {VOC_SOURCE}")
+        mask, classes = self.label(i)
+        return Sample(self.key(i), Image.open(path).convert("RGB"), mask, classes)
+
+    def describe(self) -> dict:
+        return {"dataset": "voc", "path": str(self.root), "split": self.split, "images": len(self)}
+
+
+class FolderSegmentation:
+    """A user's images, masks and class lists; classes get global indices 1..K in sorted order."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / "images").is_dir():
+            raise FileNotFoundError(f"no images/ folder in {self.root}; {FOLDER_LAYOUT}")
+        self.items = self._read_index()
+        names = sorted({c for _, classes in self.items for c in classes})
+        self.class_names = ("background", *names)
+        for image, _ in self.items:
+            if not (self.root / "images" / image).is_file():
+                raise FileNotFoundError(f"{self.root / 'images' / image} (listed in the concepts file) not found")
+
+    def _read_index(self) -> list[tuple[str, list[str]]]:
+        csv_path, json_path = self.root / "concepts.csv", self.root / "concepts.json"
+        if csv_path.is_file():
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if not rows or not {"image", "classes"} <= set(rows[0]):
+                raise ValueError(f"{csv_path}: needs a header with the columns image,classes; {FOLDER_LAYOUT}")
+            items = [(r["image"].strip(), [c.strip() for c in r["classes"].split(";") if c.strip()]) for r in rows]
+        elif json_path.is_file():
+            data = json.loads(json_path.read_text())
+            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+                raise ValueError(f"{json_path}: must map each image file name to a list of classes; {FOLDER_LAYOUT}")
+            items = [(k, [str(c).strip() for c in v]) for k, v in data.items()]
+        else:
+            raise FileNotFoundError(f"no concepts.csv or concepts.json in {self.root}; {FOLDER_LAYOUT}")
+        for image, classes in items:
+            if not classes or len(set(classes)) != len(classes):
+                raise ValueError(f"{self.root}: image {image} needs a non-empty list of distinct classes")
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def key(self, i: int) -> str:
+        return safe_key(Path(self.items[i][0]).stem)
+
+    def label(self, i: int) -> tuple[np.ndarray, dict[int, str]]:
+        image, classes = self.items[i]
+        path = self.root / "masks" / f"{Path(image).stem}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"mask {path} for {image} not found; {FOLDER_LAYOUT}")
+        png = Image.open(path)
+        if png.mode == "1":
+            png = png.convert("L").point(lambda v: 1 if v else 0)
+        if png.mode not in ("P", "L"):
+            raise ValueError(f"{path}: mode {png.mode}; save masks as one-channel PNGs of class indices")
+        local = np.asarray(png)
+        if len(classes) == 1 and set(np.unique(local).tolist()) <= {0, 255}:
+            local = (local == 255).astype(np.uint8)  # a black-and-white mask of one class: white is the object
+        local = check_mask(local, set(range(len(classes) + 1)) | {255}, str(path))
+        lookup = np.full(256, 255, dtype=np.uint8)
+        lookup[0] = 0
+        for k, name in enumerate(classes, start=1):
+            lookup[k] = self.class_names.index(name)
+        mask = lookup[local]
+        return mask, {int(v): self.class_names[v] for v in np.unique(mask) if v not in (0, 255)}
+
+    def __getitem__(self, i: int) -> Sample:
+        mask, classes = self.label(i)
+        image = Image.open(self.root / "images" / self.items[i][0]).convert("RGB")
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"{self.items[i][0]}: mask {mask.shape} and image {image.size[::-1]} differ in size")
+        return Sample(self.key(i), image, mask, classes)
+
+    def describe(self) -> dict:
+        return {"dataset": "folder", "path": str(self.root), "images": len(self), "classes": list(self.class_names)}
+
+
+def open_dataset(kind: str, path: str | Path, split: str = "val"):
+    if kind == "imagenet":
+        return ImageNetSegmentation(path)
+    if kind == "voc":
+        return VOCSegmentation(path, split)
+    if kind == "folder":
+        return FolderSegmentation(path)
+    raise ValueError(f"dataset {kind!r}; choose imagenet, voc or folder")
