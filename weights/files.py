@@ -1,0 +1,211 @@
+"""Safetensors files read by hand: headers, sharded indexes, configs, and the one-tensor-at-a-time fill of a model.
+
+Follows the safetensors format (an 8-byte little-endian header length, a JSON header of dtype, shape and byte offsets
+per tensor, then the raw row-major data) and the sharded layout of transformers and diffusers (an index JSON whose
+`weight_map` names each tensor's shard). Differs from `safetensors.torch.load_file` and `from_pretrained` in:
+- every header is checked against the file before any data is read: offsets that disagree with dtype x shape, or data
+  running past the end of a truncated file, are errors that give the `hf download` command to fetch it again;
+- a model built on the meta device is filled one tensor at a time, with a plain file read straight into the tensor's
+  memory, or through one reused staging buffer when the device or dtype differ: host memory stays the model plus its
+  largest tensor, with no memory-mapped pages and no second copy;
+- a fused tensor (rows of several file tensors, see `convert.py`) is read block by block into its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MALFORMED, CheckpointError, CheckpointNotFoundError
+from .find import Found, index_shards
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: bytes [start, end) of `path`, little-endian, row-major."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path, fetch_hint: str) -> dict[str, TensorInfo]:
+    """Parse a safetensors header (u64 little-endian length, then JSON) and check the file holds every tensor."""
+    size = path.stat().st_size
+    again = f"Fetch it again with: {fetch_hint}"
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if length is None or 8 + length > size:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: {size:,} bytes, header length field {length}. {again}"
+            )
+        try:
+            header = json.loads(f.read(length))
+            entries = {
+                name: (DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"]), *(int(o) for o in e["data_offsets"]))
+                for name, e in header.items()
+                if name != "__metadata__"
+            }
+        except MALFORMED as error:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({error!r}). {again}") from error
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(
+                f"{path} is corrupt: tensor {name} {list(shape)} {dtype} takes {nbytes:,} bytes, but its header gives "
+                f"bytes {begin:,} to {end:,}. {again}"
+            )
+        tensors[name] = TensorInfo(path, dtype, shape, 8 + length + begin, 8 + length + end)
+    data_end = max((info.end for info in tensors.values()), default=0)
+    if data_end > size:
+        raise CheckpointError(
+            f"{path} is truncated: it has {size:,} bytes, but its header describes {len(tensors)} tensors ending at "
+            f"byte {data_end:,}. {again}"
+        )
+    return tensors
+
+
+def read_index(found: Found, index: str) -> dict[str, TensorInfo]:
+    """Every tensor of a sharded checkpoint, from the headers of the shards its index names (all must be there)."""
+    path, hint = found.root / index, found.fetch_hint()
+    try:
+        shards = sorted(index_shards(path))
+    except MALFORMED as error:
+        raise CheckpointError(f"{path} is not a valid index JSON ({error!r}). Fetch it again with: {hint}") from error
+    problems = []
+    for shard in shards:
+        if not (path.parent / shard).is_file():
+            number = re.search(r"-(\d+)-of-(\d+)\.safetensors$", shard)
+            what = f"shard {int(number[1])} of {int(number[2])}" if number else "a file"
+            problems.append(f"{what}, {shard}, is missing")
+    if problems:
+        raise CheckpointNotFoundError(
+            f"{path} names {len(shards)} shard(s) in {path.parent}, but "
+            + "; ".join(problems)
+            + f". Fetch them: {hint}"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in read_header(path.parent / shard, hint).items():
+            if name in tensors:
+                raise CheckpointError(f"{name} is in two shards, {tensors[name].path.name} and {shard}. Fetch: {hint}")
+            tensors[name] = info
+    return tensors
+
+
+def read_weights(found: Found) -> dict[str, TensorInfo]:
+    """Every tensor of the component: from its single file, or from all the shards of its index."""
+    if found.index is not None:
+        return read_index(found, found.index)
+    return read_header(Path(found.where), found.fetch_hint())
+
+
+def read_config(found: Found) -> dict | None:
+    """config.json of a folder layout, or the sidecar `{stem}_config.json` of a single file (None when it has none)."""
+    sidecar = [f for f in found.files if f.endswith("_config.json")]
+    if found.layout.kind == "file" and not sidecar:
+        return None
+    path = found.root / (sidecar[0] if sidecar else f"{found.layout.folder}/config.json".lstrip("/"))
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}). Fetch it again with: {found.fetch_hint()}"
+        ) from error
+
+
+# ---- filling a meta-built model -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [part * n, (part + 1) * n) of a file tensor with parts * n rows (the whole tensor when parts == 1)."""
+
+    key: str
+    info: TensorInfo
+    part: int = 0
+    parts: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        if self.parts == 1:
+            return self.info.shape
+        if not self.info.shape or self.info.shape[0] % self.parts:
+            return None
+        return (self.info.shape[0] // self.parts, *self.info.shape[1:])
+
+
+def stacked_shape(pieces: list[Piece]) -> tuple[int, ...] | None:
+    """The shape of the pieces stacked along rows (None when their trailing dims differ or a piece cannot split)."""
+    shapes = [piece.shape for piece in pieces]
+    if len(shapes) == 1 or None in shapes:
+        return shapes[0] if len(shapes) == 1 else None
+    if len({s[1:] for s in shapes}) != 1 or not all(shapes):
+        return None
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def read_into(file, piece: Piece, out: Tensor, staging: Tensor) -> Tensor:
+    """Copy one row block of the file into `out`: straight into its memory when it is a CPU tensor of the file's dtype,
+    else through `staging`, a CPU byte buffer reused for every tensor (returned, grown when too small). No memory map,
+    no fresh buffer per tensor: host memory stays the model plus the largest tensor."""
+    nbytes = out.numel() * piece.info.dtype.itemsize
+    direct = out.device.type == "cpu" and out.dtype == piece.info.dtype
+    if not direct and staging.numel() < nbytes:
+        staging = torch.empty(nbytes, dtype=torch.uint8)
+    destination = out.view(-1).view(torch.uint8) if direct else staging[:nbytes]
+    file.seek(piece.info.start + piece.part * nbytes)
+    if file.readinto(destination.numpy()) != nbytes:
+        raise CheckpointError(f"{piece.info.path} ended while reading {piece.key}: the file is truncated")
+    if not direct:
+        out.copy_(destination.view(piece.info.dtype).view(out.shape))
+    return staging
+
+
+def fill(model: nn.Module, plan: dict[str, list[Piece]], device: torch.device, dtype: torch.dtype) -> None:
+    """Replace the meta tensors with the files' data on `device` in `dtype` (floating tensors), one at a time."""
+    expected, state, files, staging = model.state_dict(), {}, {}, torch.empty(0, dtype=torch.uint8)
+    order = sorted(plan, key=lambda name: (str(plan[name][0].info.path), plan[name][0].info.start))  # sequential I/O
+    try:
+        for name in order:
+            target, pieces = expected[name], plan[name]
+            out_dtype = dtype if target.is_floating_point() else target.dtype
+            tensor = torch.empty(stacked_shape(pieces), device=device, dtype=out_dtype)
+            # a fused tensor gets each block read into its own rows: no concatenated temporary
+            blocks = [tensor] if len(pieces) == 1 else tensor.split([piece.shape[0] for piece in pieces])
+            for piece, block in zip(pieces, blocks, strict=True):
+                if piece.info.path not in files:
+                    files[piece.info.path] = open(piece.info.path, "rb")  # noqa: SIM115 (closed below)
+                staging = read_into(files[piece.info.path], piece, block, staging)
+            state[name] = tensor.reshape(target.shape)  # [C, C] -> [C, C, 1, 1] for 1x1 convs
+    finally:
+        for file in files.values():
+            file.close()
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__} keeps meta tensors after loading (built in __init__?): {left[:5]}")
