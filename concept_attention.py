@@ -207,7 +207,10 @@ class ConceptAttentionPipeline:
         if size is not None:
             pil = pil.resize((size[1], size[0]), Image.BICUBIC)
         height, width = pil.height, pil.width
-        check_size(height, width)
+        try:
+            check_size(height, width)
+        except ValueError as err:
+            raise ValueError(f"{err}; resize the image with size=(height, width) (--size HxW)") from None
         if settings.steps is not None and max(settings.steps) >= num_samples:
             raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
         txt, y = self.encode_prompt(prompt, pooled=False)

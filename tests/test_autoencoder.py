@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from manifests import manifest_rows
 
 from autoencoder import CONFIGS, AutoEncoder, AutoEncoderConfig
+from manifests import manifest_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

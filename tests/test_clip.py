@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from manifests import manifest_shapes
 
 from clip import CONFIGS, CLIPTextConfig, CLIPTextEncoder
 from clip.model import LEGACY_KEYS
+from manifests import manifest_shapes
 
 transformers = pytest.importorskip("transformers")
 

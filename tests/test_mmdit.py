@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from manifests import manifest_path
 
+from manifests import manifest_path
 from mmdit import CONFIGS, ConceptInput, Flux, FluxConfig, FluxOutput
 from mmdit.layers import SPACES
 from mmdit.math import TARGETS

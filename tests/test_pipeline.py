@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny import tiny_pipeline, train_spiece
 
 from concept_attention import PRESETS, Settings
 from mmdit.math import timestep_embedding
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+from tiny import tiny_pipeline, train_spiece
 
 
 @pytest.fixture(scope="module")

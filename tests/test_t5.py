@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from manifests import manifest_shapes
 
+from manifests import manifest_shapes
 from t5 import CONFIGS, T5Config, T5Encoder
 from t5.model import relative_position_bucket
 

@@ -1,6 +1,6 @@
-"""the `weights` package: every component loads from every layout, by hub repo id (offline, from a Hugging Face cache tree), by
-folder and by file, and computes what the reference model whose tensors were saved computes; damaged files raise errors
-that say what is wrong and how to fetch the files again.
+"""The `weights` package: every component loads from every layout, by hub repo id (offline, from a Hugging Face
+cache tree), by folder and by file, and computes what the reference model whose tensors were saved computes; damaged
+files raise errors that say what is wrong and how to fetch the files again.
 
 The checkpoints are written by the reference libraries (diffusers' and transformers' `save_pretrained`, sharded with
 index JSONs). The BFL single files are derived from those tensors with the name maps of shared/manifests (taken from
