@@ -17,8 +17,9 @@ missing (BERT-style clean-up that also splits CJK characters apart); this follow
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor
+
+from t5.tokenizer import pad_ids
 
 __all__ = ["CLIPTokenizer"]
 
@@ -84,10 +85,4 @@ class CLIPTokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (room for BOS and EOS), got {max_length}")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            encoded = self.encode(text)
-            if len(encoded) > max_length:
-                encoded = encoded[: max_length - 1] + [self.eos_id]
-            ids[row, : len(encoded)] = torch.tensor(encoded)
-        return ids
+        return pad_ids([self.encode(text) for text in texts], max_length, self.eos_id, self.pad_id)

@@ -19,13 +19,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["T5Tokenizer"]
+__all__ = ["T5Tokenizer", "pad_ids"]
 
 # Unicode White_Space: what the tokenizers library's WhitespaceSplit splits on (Python's str.split also splits on
 # the control characters \x1c-\x1f, which are not whitespace there).
 WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 WORD = re.compile(f"[^{WHITESPACE}]+")
 EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, appended after the sentencepiece vocabulary
+
+
+def pad_ids(encoded: list[list[int]], max_length: int, eos_id: int, pad_id: int) -> Tensor:
+    """Rows of ids ending in EOS -> [B, max_length]: a row too long is cut and keeps its EOS; short rows are
+    right-padded with `pad_id`. Shared by the T5 and CLIP tokenizers."""
+    ids = torch.full((len(encoded), max_length), pad_id, dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        if len(tokens) > max_length:
+            tokens = tokens[: max_length - 1] + [eos_id]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return ids
 
 
 class T5Tokenizer:
@@ -116,13 +127,7 @@ class T5Tokenizer:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1 (room for the EOS), got {max_length}")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            encoded = self.encode(text)
-            if len(encoded) > max_length:
-                encoded = encoded[: max_length - 1] + [self.eos_id]
-            ids[row, : len(encoded)] = torch.tensor(encoded)
-        return ids
+        return pad_ids([self.encode(text) for text in texts], max_length, self.eos_id, self.pad_id)
 
     def word_pieces(self, text: str) -> list[tuple[str, list[int]]]:
         """Each whitespace-separated word of `text` with the positions (indices into `encode(text)`) of its pieces.
