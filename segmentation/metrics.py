@@ -31,7 +31,8 @@ IGNORE = 255
 DEFINITIONS = {
     "acc": "correct / labelled pixels, summed over the images (label 255 ignored)",
     "miou": "mean over classes with a non-empty union of intersection / union, each summed over the images",
-    "map": "mean over images with a foreground pixel of the foreground AP (equal to sklearn average_precision_score)",
+    "map": "mean over images with a foreground pixel of the foreground AP (equal to sklearn average_precision_score); "
+    "multi-class tasks: per image, the mean AP of each listed class present against its own mask",
     "paper_acc": "official VOC single-class stacked-channel accuracy: 2 correct / (2 labelled + ignored)",
     "paper_miou": "official ImageNet stacked-channel 'mIoU', which equals Acc / (2 - Acc)",
     "paper_map": "official two-channel AP: AP of (1 - s, s) against (1 - y, y), averaged over images",
@@ -49,7 +50,7 @@ class ImageStats:
     correct: int
     labelled: int
     ignored: int
-    ap: float | None = None  # foreground AP (None: no foreground pixel, or a task without scores)
+    ap: float | None = None  # foreground AP, or the mean AP of the classes present (None: nothing to score)
     ap_two_channel: float | None = None  # the paper's stacked-channel AP
     extra: dict = field(default_factory=dict)
 
@@ -100,13 +101,19 @@ def two_channel_average_precision(scores: np.ndarray, label: np.ndarray) -> floa
 
 
 def image_stats(index: int, key: str, pred: np.ndarray, label: np.ndarray, num_classes: int,
-                scores: np.ndarray | None = None) -> ImageStats:  # fmt: skip
-    """All statistics of one image. `scores` (binary tasks) is the foreground score map at the label's size."""
+                scores: np.ndarray | dict[int, np.ndarray] | None = None) -> ImageStats:  # fmt: skip
+    """All statistics of one image. `scores`: the foreground score map at the label's size (binary tasks), or one
+    score map per listed class index (multi-class tasks: AP per class present, averaged)."""
     intersection, union, correct, labelled, ignored = confusion(pred, label, num_classes)
     ap = ap2 = None
-    if scores is not None:
-        valid = np.asarray(label).ravel() != IGNORE
-        fg = np.asarray(label).ravel()[valid] == 1
+    flat = np.asarray(label).ravel()
+    valid = flat != IGNORE
+    if isinstance(scores, dict):  # multi-class: the mean AP of the listed classes present in the label
+        aps = [average_precision(np.asarray(s).ravel()[valid], flat[valid] == c) for c, s in scores.items()
+               if (flat[valid] == c).any()]  # fmt: skip
+        ap = float(np.mean(aps)) if aps else None
+    elif scores is not None:
+        fg = flat[valid] == 1
         ap = average_precision(np.asarray(scores).ravel()[valid], fg) if fg.any() else None
         ap2 = two_channel_average_precision(scores, label)
     return ImageStats(index, key, intersection.tolist(), union.tolist(), correct, labelled, ignored, ap, ap2)

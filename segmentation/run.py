@@ -144,8 +144,9 @@ def forward_maps(pipe, cache: MapCache, key: str, image, concepts: list[str], ca
 
 
 def score(method: Method, maps: torch.Tensor, owners: list, label: np.ndarray, protocol: Protocol,
-          num_classes: int, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """Prediction (and foreground scores for binary tasks) at the label's size."""
+          num_classes: int, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray | dict]:  # fmt: skip
+    """Prediction and scores at the label's size: the foreground score map (binary tasks) or one score map per listed
+    class (multi-class tasks)."""
     if method.blur:
         maps = blur3x3(maps)
     size = protocol.label_size
@@ -156,7 +157,10 @@ def score(method: Method, maps: torch.Tensor, owners: list, label: np.ndarray, p
         return pred, scores
     labels = [0 if o is None else class_index[o] for o in owners]
     pred = upsample_nearest(multiclass_prediction(maps, labels), size).long().numpy()
-    return pred, None
+    # scores per listed class (its first concept's map), for the per-class AP of multi-class tasks
+    scores = {c: upsample_nearest(score_map(maps, labels.index(c), protocol.score_scale), size).numpy()
+              for c in sorted(set(labels) - {0})}  # fmt: skip
+    return pred, scores
 
 
 def run(pipe, dataset, protocol: Protocol, methods: list[Method], out: str | Path, limit: int | None = None,

@@ -239,6 +239,17 @@ def test_metrics_match_sklearn():
     assert two_channel_average_precision(scores, truth) == pytest.approx(stacked, abs=1e-12)
 
 
+
+def test_multiclass_map_is_mean_per_class_ap():
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 3, (10, 12))
+    label[0, :4] = 255
+    scores = {1: rng.random(label.shape), 2: rng.random(label.shape), 4: rng.random(label.shape)}  # 4: listed, absent
+    stats = image_stats(0, "a", np.zeros_like(label), label, 5, scores)
+    valid = label != 255
+    expected = np.mean([average_precision_score(label[valid] == c, scores[c][valid]) for c in (1, 2)])
+    assert stats.ap == pytest.approx(expected, abs=1e-12) and stats.ap_two_channel is None
+
 def official_stacked(masks, labels):
     """The official ImageNet / VOC single-class code, re-done here: stacked (1 - m, m) channels, +1 shift, histograms
     with 2 bins over [1, 2], labels -1 where ignored. Returns (accuracy, mIoU)."""
