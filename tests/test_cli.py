@@ -3,28 +3,21 @@
 The model is a tiny random one written in this project's own single-file layout (safetensors + a sidecar config), so
 the command loads it through the same `weights` code as any other folder."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import concept_attention
-from tiny import tiny_pipeline, train_spiece
+from tiny import write_model_folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    train_spiece(folder / "tokenizer_2")
-    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
-    pipe = tiny_pipeline(folder / "tokenizer_2")
-    for stem, module in (("flux", pipe.flux), ("ae", pipe.autoencoder), ("t5", pipe.t5)):
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / f"{stem}.safetensors")
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(module.config).items()}
-        (folder / f"{stem}_config.json").write_text(json.dumps(config))
+    write_model_folder(folder)
     return folder
 
 

@@ -1,11 +1,14 @@
 """Tiny random models for tests: every component built from its "tiny" preset with seeded random weights, and a
 SentencePiece tokenizer trained on a small caption corpus written here."""
 
+import dataclasses
 import io
+import json
 import random
 
 import sentencepiece
 import torch
+from safetensors.torch import save_file
 
 import autoencoder
 import mmdit
@@ -62,3 +65,15 @@ def tiny_pipeline(tokenizer_folder, seed: int = 0, max_length: int = 16, depth: 
     encoder = randomize(t5.T5Encoder(t5_config), seed + 2, std=0.5)
     tokenizer = t5.T5Tokenizer.from_folder(tokenizer_folder)
     return ConceptAttentionPipeline(flux, ae, encoder, tokenizer, device="cpu", max_length=max_length, source="tiny")
+
+
+def write_model_folder(folder, seed: int = 0, max_length: int = 16) -> None:
+    """A tiny random model in this project's own single-file layout (safetensors + sidecar config per component, and
+    tokenizer_2/), loadable by `ConceptAttentionPipeline.from_pretrained(folder)`."""
+    train_spiece(folder / "tokenizer_2")
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
+    pipe = tiny_pipeline(folder / "tokenizer_2", seed=seed, max_length=max_length)
+    for stem, module in (("flux", pipe.flux), ("ae", pipe.autoencoder), ("t5", pipe.t5)):
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / f"{stem}.safetensors")
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(module.config).items()}
+        (folder / f"{stem}_config.json").write_text(json.dumps(config))
