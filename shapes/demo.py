@@ -1,0 +1,58 @@
+"""`make demo`: the main job on the built-in shapes model, offline, on the CPU, in seconds.
+
+1. `concept_attention.py generate`: the model draws "a red circle and a blue star on a white background" and the
+   concept maps for circle, star and background are collected during the same sampling;
+2. `concept_attention.py explain`: a held-out scene (a seed training never drew) is drawn, written with its true masks,
+   and explained with the concepts of its shapes and "background".
+Everything lands in `out/demo/` (image, overlay, heatmaps, masks, maps, settings), and the commands are printed so
+they can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import concept_attention
+from concept_attention import BUILTIN_MODEL
+from shapes.scenes import SceneConfig, held_out_seeds, make_scene
+
+PROMPT = "a red circle and a blue star on a white background"
+CONCEPTS = ["circle", "star", "background"]
+
+
+def command(argv: list[str]) -> int:
+    print("$ python concept_attention.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    return concept_attention.main(argv)
+
+
+def main(out: str = "out/demo") -> int:
+    if not (BUILTIN_MODEL / "recipe.json").is_file():
+        print(f"error: the built-in model is missing from {BUILTIN_MODEL}; train it with `python -m shapes.train`")
+        return 2
+    size = int(json.loads((BUILTIN_MODEL / "recipe.json").read_text())["size"])
+    out_dir = Path(out)
+    code = command(["generate", "--model", "shapes", "--prompt", PROMPT, "--concepts", *CONCEPTS,
+                    "--size", str(size), "--seed", "0", "--out", str(out_dir / "generate")])  # fmt: skip
+    if code:
+        return code
+    scene = make_scene(held_out_seeds(1, start=7)[0], SceneConfig(size=size))
+    (out_dir / "scene" / "true_masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scene.image).save(out_dir / "scene" / "scene.png")
+    concepts = [kind for _, kind in scene.shapes] + ["background"]
+    for word in concepts:
+        Image.fromarray(scene.masks[word].astype("uint8") * 255).save(out_dir / "scene" / "true_masks" / f"{word}.png")
+    code = command(["explain", "--model", "shapes", "--image", str(out_dir / "scene" / "scene.png"),
+                    "--concepts", *concepts, "--out", str(out_dir / "explain")])  # fmt: skip
+    if code == 0:
+        print(f"look at {out_dir}/generate/overlay.png and {out_dir}/explain/overlay.png "
+              f"(true masks of the scene: {out_dir}/scene/true_masks/)")  # fmt: skip
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
