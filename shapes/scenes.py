@@ -1,0 +1,185 @@
+"""Procedural scenes for the built-in shapes model: images, captions and exact per-pixel masks.
+
+A scene is one to three flat-coloured shapes (distinct kinds, distinct colours, no overlap) on a background with a
+soft brightness gradient. Every scene is a pure function of its integer seed, so the held-out split is simply a seed
+range the training loop never draws from (`HELD_OUT_SEED_START` and up).
+
+Notable features:
+- masks are exact: the image is painted *from* the masks (point-in-shape tests at pixel centres, no anti-aliasing),
+  so `masks["circle"]` is precisely the set of pixels that show the circle;
+- masks exist for every word a concept list may use: each shape word, each colour word (the shapes of that colour,
+  or the background if it has that colour) and "background";
+- captions come from a few templates ("a red circle and a blue star on a gray background"); the background phrase is
+  optional, and a scene can instead get a one-word caption (the shape's name alone) so that a word encoded on its
+  own, as ConceptAttention encodes concepts, is a caption the model has seen.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
+HELD_OUT_SEED_START = 1_000_000_000  # training never draws seeds at or above this
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    size: int = 128  # image height = width in pixels
+    max_shapes: int = 3
+    min_radius: float = 0.16  # shape radius as a fraction of the image size
+    max_radius: float = 0.26
+    background_phrase: float = 0.5  # probability that the caption names the background
+    single_word: float = 0.0  # probability of a one-shape scene captioned by the shape's name alone
+    colourless: float = 0.0  # probability that the caption leaves out the colours ("a circle and a star")
+
+    def __post_init__(self):
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if not 1 <= self.max_shapes <= 3:
+            raise ValueError(f"max_shapes must be 1, 2 or 3, got {self.max_shapes}")
+        if not 0 < self.min_radius <= self.max_radius <= 0.3:
+            raise ValueError(f"need 0 < min_radius <= max_radius <= 0.3, got {self.min_radius}, {self.max_radius}")
+        for name in ("background_phrase", "single_word", "colourless"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    masks: dict[str, np.ndarray]  # word -> (H, W) bool, for every shape, colour and "background" word in the scene
+    shapes: list[tuple[str, str]]  # (colour, shape) in caption order
+    background: str
+
+
+def polygon_mask(x: np.ndarray, y: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Even-odd point-in-polygon test of pixel centres (x, y) against corners (K, 2)."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(corners, np.roll(corners, -1, axis=0), strict=True):
+        crosses = (y0 > y) != (y1 > y)
+        x_cross = x0 + (y - y0) * (x1 - x0) / (y1 - y0 + 1e-12)
+        inside ^= crosses & (x < x_cross)
+    return inside
+
+
+def regular_corners(n: int, radius: float, angle: float, inner: float | None = None) -> np.ndarray:
+    """Corners of a regular n-gon (or an n-pointed star when `inner` is the inner radius), first corner at `angle`."""
+    k = 2 * n if inner is not None else n
+    theta = angle + 2 * np.pi * np.arange(k) / k
+    r = np.full(k, radius) if inner is None else np.where(np.arange(k) % 2 == 0, radius, inner)
+    return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
+
+
+def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Exact (size, size) mask of one shape centred at (cx, cy) with radius r, all in pixels; y points down."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    x, y = x - cx, y - cy
+    up = -np.pi / 2  # first corner straight up
+    if kind == "circle":
+        return x**2 + y**2 <= r**2
+    if kind == "square":
+        return (np.abs(x) <= 0.8 * r) & (np.abs(y) <= 0.8 * r)
+    if kind == "diamond":
+        return np.abs(x) / (0.75 * r) + np.abs(y) / r <= 1.0
+    if kind == "triangle":
+        return polygon_mask(x, y - 0.2 * r, regular_corners(3, 1.2 * r, up))
+    if kind == "star":
+        return polygon_mask(x, y, regular_corners(5, 1.1 * r, up, inner=0.45 * r))
+    if kind == "heart":
+        u, v = x / r, -(y + 0.1 * r) / r  # implicit heart curve (u^2 + v^2 - 1)^3 - u^2 v^3 <= 0, v up
+        u, v = 1.1 * u, 1.1 * v
+        return (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
+    raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
+
+
+def caption_for(shapes: list[tuple[str, str]], background: str, rng: np.random.Generator, config: SceneConfig) -> str:
+    colourless = rng.random() < config.colourless
+    phrases = [f"a {kind}" if colourless else f"a {colour} {kind}" for colour, kind in shapes]
+    text = " and ".join(phrases)
+    if rng.random() < config.background_phrase:
+        text += f" on a {background} background"
+    return text
+
+
+def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
+    """The scene of one seed; deterministic."""
+    rng = np.random.default_rng(seed)
+    size = config.size
+    single = rng.random() < config.single_word
+    count = 1 if single else int(rng.integers(1, config.max_shapes + 1))
+    kinds = rng.choice(len(SHAPES), size=count, replace=False)
+    colours = rng.choice(len(COLOURS), size=count, replace=False)
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    # place shapes one by one; a position is rejected when the shape, grown by 15 %, touches one already placed
+    placed: list[tuple[str, str, np.ndarray]] = []
+    taken = np.zeros((size, size), dtype=bool)
+    for c, k in zip(colours, kinds, strict=True):
+        for _attempt in range(50):
+            r = size * rng.uniform(config.min_radius, config.max_radius)
+            cx, cy = rng.uniform(r, size - r, size=2)
+            if not (shape_mask(SHAPES[k], cx, cy, 1.15 * r, size) & taken).any():
+                mask = shape_mask(SHAPES[k], cx, cy, r, size)
+                placed.append((list(COLOURS)[int(c)], SHAPES[int(k)], mask))
+                taken |= mask
+                break
+    # a shape that found no room is left out of the scene and its caption
+    shapes = [(colour, kind) for colour, kind, _ in placed]
+    # background: flat colour with a gentle linear brightness ramp in a random direction
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size - 0.5
+    ramp = 1.0 + 0.15 * (np.cos(angle) * x + np.sin(angle) * y)  # (H, W), values in [0.85, 1.15]
+    image = np.clip(np.asarray(BACKGROUNDS[background], dtype=np.float64) * ramp[..., None], 0, 255)
+    masks: dict[str, np.ndarray] = {}
+    foreground = np.zeros((size, size), dtype=bool)
+    for colour, kind, mask in placed:
+        image[mask] = COLOURS[colour]
+        masks[kind] = mask
+        masks[colour] = mask
+        foreground |= mask
+    masks["background"] = ~foreground
+    masks[background] = ~foreground
+    caption = shapes[0][1] if single else caption_for(shapes, background, rng, config)
+    return Scene(image.round().astype(np.uint8), caption, masks, shapes, background)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1], the autoencoder's range."""
+    x = torch.from_numpy(np.stack(images)).float()  # (B, H, W, 3)
+    return x.permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def make_batch(seeds: list[int], config: SceneConfig = SceneConfig()) -> tuple[torch.Tensor, list[str], list[Scene]]:
+    """Images (B, 3, H, W) in [-1, 1], captions and the scenes themselves for a list of seeds."""
+    scenes = [make_scene(s, config) for s in seeds]
+    return to_tensor([s.image for s in scenes]), [s.caption for s in scenes], scenes
+
+
+def held_out_seeds(count: int, start: int = 0) -> list[int]:
+    """Seeds of the held-out scenes (never drawn in training)."""
+    return [HELD_OUT_SEED_START + start + i for i in range(count)]
+
+
+def training_seeds(generator: torch.Generator, count: int) -> list[int]:
+    """A fresh batch of training seeds, all below HELD_OUT_SEED_START."""
+    return torch.randint(0, HELD_OUT_SEED_START, (count,), generator=generator).tolist()
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption or a concept list can use."""
+    return ["a", "and", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS]
+
+
+def corpus(count: int = 2000, config: SceneConfig = SceneConfig()) -> list[str]:
+    """Captions for training the tokenizer, plus every vocabulary word on its own line."""
+    return [make_scene(s, config).caption for s in range(count)] + vocabulary()
