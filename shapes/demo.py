@@ -1,7 +1,8 @@
 """`make demo`: the main job on the built-in shapes model, offline, on the CPU, in seconds.
 
-1. `concept_attention.py generate`: the model draws "a red circle and a blue star on a white background" and the
-   concept maps for circle, star and background are collected during the same sampling;
+1. `concept_attention.py generate`: the model draws "a red circle at the top left and a blue star at the bottom
+   right on a white background" (its captions name positions) and the concept maps for circle, star and background
+   are collected during the same sampling;
 2. `concept_attention.py explain`: a held-out scene (a seed training never drew) is drawn, written with its true masks,
    and explained with the concepts of its shapes and "background".
 Everything lands in `out/demo/` (image, overlay, heatmaps, masks, maps, settings), and the commands are printed so
@@ -21,7 +22,7 @@ import concept_attention
 from concept_attention import BUILTIN_MODEL
 from shapes.scenes import SceneConfig, held_out_seeds, make_scene
 
-PROMPT = "a red circle and a blue star on a white background"
+PROMPT = "a red circle at the top left and a blue star at the bottom right on a white background"
 CONCEPTS = ["circle", "star", "background"]
 
 

@@ -9,9 +9,11 @@ Notable features:
   so `masks["circle"]` is precisely the set of pixels that show the circle;
 - masks exist for every word a concept list may use: each shape word, each colour word (the shapes of that colour,
   or the background if it has that colour) and "background";
-- captions come from a few templates ("a red circle and a blue star on a gray background"); the background phrase is
-  optional, and a scene can instead get a one-word caption (the shape's name alone) so that a word encoded on its
-  own, as ConceptAttention encodes concepts, is a caption the model has seen.
+- captions come from a few templates ("a red circle and a blue star on a gray background"); the background phrase,
+  the colours and the places ("a red circle at the top left", from each shape's centroid on a 3 x 3 grid) are
+  optional, and a one-shape scene can instead get a one-word caption (the shape's name alone) so that a word encoded
+  on its own, as ConceptAttention encodes concepts, is a caption the model has seen. Caption draws come after the
+  painting, so the options never change a seed's image.
 """
 
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ class SceneConfig:
     background_phrase: float = 0.5  # probability that the caption names the background
     single_word: float = 0.0  # probability of a one-shape scene captioned by the shape's name alone
     colourless: float = 0.0  # probability that the caption leaves out the colours ("a circle and a star")
+    positions: float = 0.0  # probability that the caption says where each shape is ("a red circle at the top left")
 
     def __post_init__(self):
         if self.size < 16:
@@ -49,7 +52,7 @@ class SceneConfig:
             raise ValueError(f"max_shapes must be 1, 2 or 3, got {self.max_shapes}")
         if not 0 < self.min_radius <= self.max_radius <= 0.3:
             raise ValueError(f"need 0 < min_radius <= max_radius <= 0.3, got {self.min_radius}, {self.max_radius}")
-        for name in ("background_phrase", "single_word", "colourless"):
+        for name in ("background_phrase", "single_word", "colourless", "positions"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
 
@@ -61,6 +64,7 @@ class Scene:
     masks: dict[str, np.ndarray]  # word -> (H, W) bool, for every shape, colour and "background" word in the scene
     shapes: list[tuple[str, str]]  # (colour, shape) in caption order
     background: str
+    places: list[str]  # where each shape's centroid lies on a 3 x 3 grid: "top left", "middle", "bottom", ...
 
 
 def polygon_mask(x: np.ndarray, y: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -103,9 +107,25 @@ def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarr
     raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
 
 
-def caption_for(shapes: list[tuple[str, str]], background: str, rng: np.random.Generator, config: SceneConfig) -> str:
+def place_of(mask: np.ndarray) -> str:
+    """The 3 x 3 cell of a mask's centroid: "top left", "top", ..., "middle", ..., "bottom right"."""
+    rows, cols = np.nonzero(mask)
+    row = ("top", "", "bottom")[min(2, int(3 * rows.mean() / mask.shape[0]))]
+    col = ("left", "", "right")[min(2, int(3 * cols.mean() / mask.shape[1]))]
+    return f"{row} {col}".strip() or "middle"
+
+
+def caption_for(
+    shapes: list[tuple[str, str]], background: str, places: list[str], rng: np.random.Generator, config: SceneConfig
+) -> str:
     colourless = rng.random() < config.colourless
+    positioned = rng.random() < config.positions
     phrases = [f"a {kind}" if colourless else f"a {colour} {kind}" for colour, kind in shapes]
+    if positioned:
+        phrases = [
+            f"{p} in the middle" if at == "middle" else f"{p} at the {at}"
+            for p, at in zip(phrases, places, strict=True)
+        ]
     text = " and ".join(phrases)
     if rng.random() < config.background_phrase:
         text += f" on a {background} background"
@@ -149,8 +169,9 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
         foreground |= mask
     masks["background"] = ~foreground
     masks[background] = ~foreground
-    caption = shapes[0][1] if single else caption_for(shapes, background, rng, config)
-    return Scene(image.round().astype(np.uint8), caption, masks, shapes, background)
+    places = [place_of(mask) for _, _, mask in placed]
+    caption = shapes[0][1] if single else caption_for(shapes, background, places, rng, config)
+    return Scene(image.round().astype(np.uint8), caption, masks, shapes, background, places)
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -177,9 +198,11 @@ def training_seeds(generator: torch.Generator, count: int) -> list[int]:
 
 def vocabulary() -> list[str]:
     """Every word a caption or a concept list can use."""
-    return ["a", "and", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS]
+    places = ["at", "in", "the", "top", "bottom", "left", "right", "middle"]
+    return ["a", "and", "on", "background", *places, *SHAPES, *COLOURS, *BACKGROUNDS]
 
 
-def corpus(count: int = 2000, config: SceneConfig = SceneConfig()) -> list[str]:
-    """Captions for training the tokenizer, plus every vocabulary word on its own line."""
+def corpus(count: int = 2000) -> list[str]:
+    """Captions for training the tokenizer (with and without every option), plus every vocabulary word alone."""
+    config = SceneConfig(size=32, positions=0.5, colourless=0.2)
     return [make_scene(s, config).caption for s in range(count)] + vocabulary()

@@ -1,0 +1,243 @@
+"""Quick alignment measurements of a shapes model on held-out scenes, used while training and researching.
+
+The maps come straight from `mmdit.Flux(..., concepts=ConceptInput(...), stop_after_double=True)` on noised latents
+x_t = t * noise + (1 - t) * z, one forward per batch; each map is bilinearly upsampled to the image, thresholded at its
+mean and compared with the scene's exact mask. Scores follow the prototype's notes (shapes-notes.md): for every shape
+present in a scene, the IoU of the foreground and the IoU of the background are averaged ("mIoU"); `fg` is the
+foreground IoU alone. The full benchmark (pixel accuracy, mAP, every space and layer) is the `segmentation` harness's
+job; this module only answers "does it localise yet?" quickly.
+
+Two kinds of concept tokens are measured:
+- "alone": every shape word and "background", each encoded by T5 on its own and read at position 0, as the paper does.
+  Output space (softmax over the concepts, as the paper, and raw; and with the concepts attending to the image only),
+  attention-score space and cross-attention space;
+- "context": the whole caption's T5 sequence fed as the concept stream. With a zero pooled vector and zero ids that
+  stream is an exact copy of the text stream, so its cross-attention space is the image queries -> prompt-word keys
+  attention (softmax over all prompt tokens, per head), the first sign of life, and its output space says what
+  ConceptAttention would give if the concept token were the word in its caption.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor
+
+from autoencoder import AutoEncoder, AutoEncoderConfig
+from mmdit import ConceptInput, Flux, FluxConfig
+from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+from shapes.scenes import COLOURS, SHAPES, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
+from t5 import T5Config, T5Encoder, T5Tokenizer
+
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "a blue star on a white background",
+    "a yellow heart and a green square",
+    "a purple triangle at the top left and a orange diamond at the bottom right",
+    "a red star and a blue circle and a green triangle on a black background",
+]
+CONCEPTS = (*SHAPES, "background")
+COLOUR_CONCEPTS = (*COLOURS, "background")
+
+
+def noised(latents: Tensor, t: float, seed: int) -> Tensor:
+    """x_t = t * noise + (1 - t) * z with noise from a seeded CPU generator (the rectified-flow path)."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+    return t * noise + (1.0 - t) * latents
+
+
+def encode_alone(t5: T5Encoder, tok: T5Tokenizer, words: list[str], max_length: int) -> Tensor:
+    """Each word encoded on its own, padded, no mask; the output at position 0 (its first piece) -> (C, d_model)."""
+    device = next(t5.parameters()).device
+    return t5(tok(words, max_length).to(device))[:, 0]
+
+
+def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
+    up = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    pred = up > up.mean(dim=(1, 2), keepdim=True)
+    fg = (pred & masks).sum((1, 2)) / (pred | masks).sum((1, 2)).clamp(min=1)
+    bg = (~pred & ~masks).sum((1, 2)) / (~pred | ~masks).sum((1, 2)).clamp(min=1)
+    return fg.float(), bg.float()
+
+
+def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAPES) -> dict[str, float]:
+    """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene."""
+    picked, masks = [], []
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(words[b]):
+            if word in scored and word in scene.masks:
+                picked.append(maps[b, c])
+                masks.append(torch.from_numpy(scene.masks[word]))
+    fg, bg = upsampled_iou(torch.stack(picked), torch.stack(masks).to(maps.device))
+    return {"miou": ((fg + bg) / 2).mean().item(), "fg": fg.mean().item()}
+
+
+def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
+    """Mean over layers of (B, ..., C, N) maps, each softmaxed over `softmax_dim` first when given (paper order)."""
+    return torch.stack([m.softmax(softmax_dim) if softmax_dim is not None else m for m in per_layer]).mean(0)
+
+
+def evaluate(
+    flux: Flux,
+    t5: T5Encoder,
+    tok: T5Tokenizer,
+    latents: Tensor,
+    scenes: list[Scene],
+    captions: list[str],
+    max_length: int,
+    t: float = 0.5,
+    seed: int = 0,
+    layers: tuple[int, ...] | None = None,
+) -> dict[str, float]:
+    """Alignment scores of `flux` on scenes with clean latents (B, 16, H/8, W/8); see the module docstring."""
+    device = latents.device
+    B, _, h2, w2 = latents.shape
+    size = scenes[0].image.shape[0]
+    h, w = h2 // 2, w2 // 2
+    img = pack(noised(latents, t, seed))  # (B, N, 64)
+    ids = image_ids(B, size, size, device)
+    txt = t5(tok(captions, max_length).to(device))  # (B, T, d)
+    timesteps = torch.full((B,), t, device=device)
+    y = torch.zeros(B, flux.config.vec_in_dim, device=device)  # the pooled vector is zero in this model
+    common = dict(img=img, img_ids=ids, txt=txt, txt_ids=text_ids(B, max_length, device), timesteps=timesteps, y=y)
+    results: dict[str, float] = {}
+
+    # concepts encoded alone
+    alone = encode_alone(t5, tok, list(CONCEPTS), max_length)[None].expand(B, -1, -1)  # (B, C, d)
+    spaces = ("output", "attention", "cross_attention")
+    out = flux(**common, concepts=ConceptInput(alone, spaces=spaces, layers=layers), stop_after_double=True)
+    sal = [out.saliency[i] for i in sorted(out.saliency)]
+    words = [list(CONCEPTS)] * B
+    maps = {
+        "output_softmax": layer_mean([s.output for s in sal], softmax_dim=1),  # (B, C, N)
+        "output_raw": layer_mean([s.output for s in sal], None),
+        "attention": layer_mean([s.attention.mean(1) for s in sal], None),  # heads averaged
+        "cross_softmax": layer_mean([s.cross_attention.softmax(2).mean(1) for s in sal], None),
+    }
+    # colour words as concepts (each colour's mask is the shape painted in it)
+    colours = encode_alone(t5, tok, list(COLOUR_CONCEPTS), max_length)[None].expand(B, -1, -1)  # (B, C, d)
+    out = flux(**common, concepts=ConceptInput(colours, layers=layers), stop_after_double=True)
+    colour_maps = layer_mean([out.saliency[i].output for i in sorted(out.saliency)], 1).reshape(B, -1, h, w)
+    for key, value in score(colour_maps, scenes, [list(COLOUR_CONCEPTS)] * B, COLOURS).items():
+        results[f"colours/output_softmax/{key}"] = value
+    # the paper's Table 4 ablation: concepts attend to the image only
+    out = flux(**common, concepts=ConceptInput(alone, target="image", layers=layers), stop_after_double=True)
+    maps["output_softmax_image_target"] = layer_mean([out.saliency[i].output for i in sorted(out.saliency)], 1)
+    for name, m in maps.items():
+        for key, value in score(m.reshape(B, -1, h, w), scenes, words).items():
+            results[f"alone/{name}/{key}"] = value
+
+    # the caption itself as the concept stream (an exact copy of the text stream)
+    out = flux(
+        **common,
+        concepts=ConceptInput(txt, spaces=("output", "cross_attention"), layers=layers),
+        stop_after_double=True,
+    )
+    sal = [out.saliency[i] for i in sorted(out.saliency)]
+    positions = [[""] * max_length for _ in range(B)]
+    for b, caption in enumerate(captions):
+        for word, pieces in tok.word_pieces(caption):
+            if pieces and pieces[0] < max_length:
+                positions[b][pieces[0]] = word
+    maps = {
+        "output_raw": layer_mean([s.output for s in sal], None),
+        "cross_softmax": layer_mean([s.cross_attention.softmax(2).mean(1) for s in sal], None),
+    }
+    for name, m in maps.items():
+        for key, value in score(m.reshape(B, -1, h, w), scenes, positions).items():
+            results[f"context/{name}/{key}"] = value
+    return results
+
+
+def load(folder: Path, device: str = "cpu") -> tuple[Flux, T5Encoder, T5Tokenizer, AutoEncoder, int]:
+    """A model folder written by `shapes.train`: (flux, t5, tokenizer, autoencoder, max_length), loaded strictly."""
+    folder = Path(folder)
+    models = []
+    for name, config_class, model_class in (
+        ("flux", FluxConfig, Flux),
+        ("t5", T5Config, T5Encoder),
+        ("ae", AutoEncoderConfig, AutoEncoder),
+    ):
+        model = model_class(config_class(**json.loads((folder / f"{name}_config.json").read_text())))
+        model.load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
+        models.append(model.to(device).eval())
+    max_length = json.loads((folder / "recipe.json").read_text())["max_length"]
+    return models[0], models[1], T5Tokenizer.from_folder(folder / "tokenizer_2"), models[2], max_length
+
+
+def sample(
+    flux: Flux,
+    t5: T5Encoder,
+    tok: T5Tokenizer,
+    ae: AutoEncoder,
+    prompts: list[str],
+    max_length: int,
+    num_steps: int = 20,
+    seed: int = 0,
+) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler steps on the unshifted schedule from seeded noise."""
+    size = ae.config.resolution
+    B = len(prompts)
+    img = pack(get_noise(B, size, size, seed))  # (B, N, 64)
+    txt = t5(tok(prompts, max_length))
+    ids, txt_ids, y = image_ids(B, size, size), text_ids(B, max_length), torch.zeros(B, flux.config.vec_in_dim)
+    img = denoise(lambda x, t: flux(x, ids, txt, txt_ids, t, y), img, get_schedule(num_steps, img.shape[1]))
+    return ae.decode(unpack(img, size, size)).clamp(-1, 1)
+
+
+def save_samples(images: Tensor, path: Path) -> None:
+    """The images side by side in one PNG, in the order of their prompts."""
+    row = ((rearrange(images, "B C H W -> H (B W) C") + 1) * 127.5).round().byte().cpu().numpy()
+    Image.fromarray(row).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Alignment of a shapes model's concept maps on held-out scenes")
+    parser.add_argument("--weights", type=Path, required=True, help="a folder written by shapes.train")
+    parser.add_argument("--scenes", type=int, default=500)
+    parser.add_argument("--t", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--per-layer", action="store_true", help="also score each double block alone")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=Path, default=None, help="also draw SAMPLE_PROMPTS into this PNG")
+    args = parser.parse_args()
+    flux, t5, tok, ae, max_length = load(args.weights)
+    if args.samples is not None:
+        with torch.no_grad():
+            save_samples(sample(flux, t5, tok, ae, SAMPLE_PROMPTS, max_length, seed=args.seed), args.samples)
+    size = ae.config.resolution
+    scenes = [make_scene(s, SceneConfig(size=size)) for s in held_out_seeds(args.scenes)]
+    layer_sets = [None] + ([(i,) for i in range(flux.config.depth)] if args.per_layer else [])
+    with torch.no_grad():
+        latents = torch.cat(
+            [ae.encode(make_batch(held_out_seeds(50, i), SceneConfig(size=size))[0]) for i in range(0, args.scenes, 50)]
+        )[: args.scenes]
+        for t in args.t:
+            for layers in layer_sets:
+                totals: dict[str, float] = {}
+                for i in range(0, args.scenes, 50):
+                    part = scenes[i : i + 50]
+                    scores = evaluate(
+                        flux,
+                        t5,
+                        tok,
+                        latents[i : i + 50],
+                        part,
+                        [s.caption for s in part],
+                        max_length,
+                        t=t,
+                        seed=args.seed + i,
+                        layers=layers,
+                    )
+                    for k, v in scores.items():
+                        totals[k] = totals.get(k, 0.0) + v * len(part) / args.scenes
+                print(json.dumps({"t": t, "layers": layers, **{k: round(v, 4) for k, v in totals.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

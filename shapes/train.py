@@ -1,0 +1,393 @@
+"""Train the built-in shapes model: a SentencePiece tokenizer, a small autoencoder, and a small T5 + Flux pair.
+
+    python -m shapes.train --out DIR --device cpu --seed 0 --threads 1
+
+Stages, all seeded: (1) a word-level SentencePiece model on the caption vocabulary (T5's ids: pad 0, EOS 1, unk 2);
+(2) an autoencoder with Flux's layout (factor 8, 16 latent channels), trained first on scenes drawn small, then on
+full-size ones, its latent shift and scale measured on the training scenes; (3) the training scenes encoded once and
+cached; (4) T5 (from scratch) and Flux trained jointly with the rectified-flow objective: x_t = t * noise + (1 - t) *
+z, target velocity noise - z, t drawn logit-normally. The pooled vector `y` is always zero (this model has no CLIP;
+`vec_in_dim` is 1 only because the layer must exist). Alignment is measured on held-out scenes every `eval_every`
+steps (`shapes.eval`), and everything goes to DIR/log.jsonl. The `Recipe` defaults are the shipped model's recipe
+(about 30 minutes on a 2-core CPU with `--threads 1`; see shapes/MODEL_CARD.md).
+
+Notable features: `--ae DIR` reuses the autoencoder and cached latents of an earlier run, so experiments on the
+transformer cost only its own training; every recipe field is a command-line flag (`--hidden 192`, ...).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+from einops import rearrange
+from PIL import Image
+from safetensors.torch import save_file
+from torch import Tensor
+
+from autoencoder import AutoEncoder, AutoEncoderConfig
+from mmdit import Flux, FluxConfig
+from sampling import image_ids, pack, text_ids
+from shapes import eval as alignment
+from shapes.scenes import SceneConfig, caption_for, corpus, held_out_seeds, make_batch, make_scene, training_seeds
+from t5 import T5Config, T5Encoder, T5Tokenizer
+
+
+@dataclass(frozen=True)
+class Recipe:
+    size: int = 128  # image size; the transformer sees (size / 16)^2 tokens
+    max_length: int = 32  # T5 tokens per caption (a concept is padded to this length too); longest caption: 28
+    scenes: int = 6000  # cached training scenes, seeds 0 .. scenes - 1
+    background_phrase: float = 0.5  # probability that a caption names the background
+    single_word: float = 0.5  # probability that a one-shape scene is captioned by its shape word alone
+    colourless: float = 0.0  # probability that a caption leaves out the colours
+    positions: float = 1.0  # probability that a caption says where each shape is
+    # autoencoder
+    ae_steps: int = 800
+    ae_batch: int = 16
+    ae_size: int = 32  # first phase: whole scenes drawn this small (a multiple of 8)
+    ae_full_steps: int = 300  # second phase: full-size scenes
+    ae_full_batch: int = 4
+    ae_lr: float = 2e-3
+    # transformer and text encoder
+    hidden: int = 128
+    heads: int = 4
+    depth: int = 4  # double-stream blocks
+    single: int = 1  # single-stream blocks
+    t5_dim: int = 64
+    t5_layers: int = 2
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    t_sampler: str = "logit_normal"  # logit_normal | uniform
+    t_mean: float = 1.0  # location of the logit-normal: > 0 trains more at high noise, where the caption decides
+    eval_every: int = 500
+    eval_scenes: int = 100
+
+    def __post_init__(self):
+        if self.size % 16:
+            raise ValueError(f"size must be a multiple of 16 (8 for the autoencoder x 2 for packing), got {self.size}")
+        if self.ae_size % 8:
+            raise ValueError(f"ae_size must be a multiple of the autoencoder's factor 8, got {self.ae_size}")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 8:
+            raise ValueError(f"hidden / heads must be a multiple of 8 (RoPE axes), got {self.hidden} / {self.heads}")
+        if self.t_sampler not in ("logit_normal", "uniform"):
+            raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
+
+
+def flux_config(recipe: Recipe) -> FluxConfig:
+    head_dim = recipe.hidden // recipe.heads
+    axis = 3 * head_dim // 8  # rows and columns get 3/8 of the head each, the unused first axis 1/4 (Flux: 16/56/56)
+    return FluxConfig(
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=1,  # the pooled vector is always zero here
+        context_in_dim=recipe.t5_dim,
+        hidden_size=recipe.hidden,
+        mlp_ratio=4.0,
+        num_heads=recipe.heads,
+        depth=recipe.depth,
+        depth_single_blocks=recipe.single,
+        axes_dim=(head_dim - 2 * axis, axis, axis),
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=False,
+    )
+
+
+def t5_config(recipe: Recipe, vocab_size: int) -> T5Config:
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=recipe.t5_dim,
+        d_kv=16,
+        d_ff=2 * recipe.t5_dim,
+        num_layers=recipe.t5_layers,
+        num_heads=recipe.t5_dim // 16,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        layer_norm_epsilon=1e-6,
+    )
+
+
+def ae_config(recipe: Recipe, scale_factor: float = 1.0, shift_factor: float = 0.0) -> AutoEncoderConfig:
+    return AutoEncoderConfig(
+        resolution=recipe.size,
+        in_channels=3,
+        ch=32,
+        out_ch=3,
+        ch_mult=(1, 1, 1, 1),
+        num_res_blocks=1,
+        z_channels=16,
+        scale_factor=scale_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def initialize(flux: Flux) -> Flux:
+    """DiT's recipe: Xavier-uniform linears, and every modulation and the final projection zeroed, so each block
+    starts as the identity and the model starts by predicting zero velocity."""
+    for module in flux.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    for name, param in flux.named_parameters():
+        if "_mod.lin" in name or "modulation" in name or name.startswith("final_layer.linear"):
+            torch.nn.init.zeros_(param)
+    return flux
+
+
+def train_tokenizer(folder: Path, seed: int) -> T5Tokenizer:
+    """A word-level SentencePiece model over the captions, with T5's special ids: every caption word is one piece
+    (a unigram model of this tiny corpus splits "background" into six pieces); unknown words become <unk>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus(2000)),
+        model_prefix=str(folder / "spiece"),
+        model_type="word",
+        vocab_size=64,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
+    (folder / "spiece.vocab").unlink(missing_ok=True)
+    return T5Tokenizer.from_folder(folder)
+
+
+def lr_at(step: int, recipe_steps: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, recipe_steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_autoencoder(recipe: Recipe, device: str, seed: int, log) -> AutoEncoder:
+    """Reconstruction (MSE) from the posterior mean, with a light L2 pull on the latents: first `ae_steps` on whole
+    scenes drawn at `ae_size` (cheap), then `ae_full_steps` on full-size scenes. The second phase is needed: with
+    32 channels in 32 GroupNorm groups every norm is an instance norm, and a model that only saw small scenes
+    reconstructs full-size ones with wrong colours (held-out MSE 0.25, see MODEL_CARD.md)."""
+    torch.manual_seed(seed)
+    ae = AutoEncoder(ae_config(recipe)).to(device)
+    optimizer = torch.optim.AdamW(ae.parameters(), lr=recipe.ae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    total = recipe.ae_steps + recipe.ae_full_steps
+    for step in range(total):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, 100, recipe.ae_lr)
+        small = step < recipe.ae_steps
+        size, batch = (recipe.ae_size, recipe.ae_batch) if small else (recipe.size, recipe.ae_full_batch)
+        x = make_batch(training_seeds(generator, batch), SceneConfig(size=size))[0].to(device)
+        mean = ae.encoder(x).chunk(2, dim=1)[0]  # (B, 16, h, w)
+        loss = (ae.decoder(mean) - x).pow(2).mean() + 1e-4 * mean.pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == total - 1:
+            log({"stage": "ae", "step": step, "size": size, "loss": loss.item()})
+    return ae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(ae: AutoEncoder, seeds: list[int], size: int, device: str) -> torch.Tensor:
+    """Scaled latents (S, 16, size/8, size/8) of the scenes of `seeds`, in batches of 32."""
+    chunks = [
+        ae.encode(make_batch(seeds[i : i + 32], SceneConfig(size=size))[0].to(device)) for i in range(0, len(seeds), 32)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def reconstruction_check(ae: AutoEncoder, size: int, path: Path, device: str) -> float:
+    """MSE of 32 held-out scenes at full size (pixels in [-1, 1]); eight originals above their reconstructions saved
+    to `path`."""
+    x = make_batch(held_out_seeds(32), SceneConfig(size=size))[0].to(device)
+    rec = ae.decode(ae.encode(x)).clamp(-1, 1)
+    rows = torch.cat([x[:8], rec[:8]], dim=2)  # (8, 3, 2H, W)
+    Image.fromarray(((rearrange(rows, "B C H W -> H (B W) C") + 1) * 127.5).round().byte().cpu().numpy()).save(path)
+    return round((rec - x).pow(2).mean().item(), 5)
+
+
+def sample_t(generator: torch.Generator, batch: int, sampler: str, mean: float) -> Tensor:
+    """Noise levels t (B,): sigmoid(N(mean, 1)) (SD3's logit-normal; median sigmoid(mean)) or uniform."""
+    if sampler == "uniform":
+        return torch.rand(batch, generator=generator)
+    return torch.sigmoid(mean + torch.randn(batch, generator=generator))
+
+
+def velocity_loss(
+    flux: Flux,
+    t5: T5Encoder,
+    tok: T5Tokenizer,
+    z: Tensor,
+    captions: list[str],
+    noise: Tensor,
+    t: Tensor,
+    max_length: int,
+) -> Tensor:
+    """Rectified flow: x_t = t * noise + (1 - t) * z; the velocity should be noise - z. The pooled vector is zero."""
+    B, _, h, w = z.shape
+    t_ = t[:, None, None, None]
+    txt = t5(tok(captions, max_length).to(z.device))  # (B, T, d_model), no attention mask (as Flux)
+    ids_img, ids_txt = image_ids(B, 8 * h, 8 * w, z.device), text_ids(B, max_length, z.device)
+    v = flux(
+        pack(t_ * noise + (1 - t_) * z),
+        ids_img,
+        txt,
+        ids_txt,
+        t,
+        torch.zeros(B, flux.config.vec_in_dim, device=z.device),
+    )
+    return (v - pack(noise - z)).pow(2).mean()
+
+
+def probe_batch(z: Tensor, captions: list[str], seed: int) -> dict[str, tuple]:
+    """A fixed held-out batch at t = 0.5 with fixed noise, with its captions and with every caption moved one scene
+    along (the gap between the two losses says how much the model uses its caption)."""
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 3)).to(z)
+    t = torch.full((z.shape[0],), 0.5, device=z.device)
+    return {"probe_loss": (z, captions, noise, t), "probe_loss_shuffled": (z, captions[1:] + captions[:1], noise, t)}
+
+
+def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "log.jsonl").open("a")
+    start = time.time()
+
+    def log(record: dict) -> None:
+        record = {"time": round(time.time() - start, 1), **record}
+        print(json.dumps(record), flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    log({"stage": "recipe", "seed": seed, "device": device, **dataclasses.asdict(recipe)})
+    # 1-3: tokenizer, autoencoder, cached latents (or those of an earlier run)
+    tok = train_tokenizer(out / "tokenizer_2", seed)
+    if reuse is not None:  # the autoencoder files are copied at the end: only its latents are needed here
+        cache = torch.load(reuse / "latents.pt")
+    else:
+        ae = train_autoencoder(recipe, device, seed, log)
+        raw = encode_scenes(ae, list(range(recipe.scenes)), recipe.size, device)  # scale 1, shift 0 so far
+        shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+        trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
+        ae.load_state_dict(trained.state_dict(), strict=True)
+        log({"stage": "ae", "held_out_mse": reconstruction_check(ae, recipe.size, out / "ae_samples.png", device)})
+        cache = {"train": scale * (raw - shift)}
+        held = held_out_seeds(recipe.eval_scenes)
+        cache["held_out"] = encode_scenes(ae, held, recipe.size, device)
+        torch.save(cache, out / "latents.pt")
+        save_file(ae.state_dict(), out / "ae.safetensors")
+        (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
+    latents = cache["train"][: recipe.scenes].to(device).float()
+    log({"stage": "data", "latents": list(latents.shape), "std": latents.std().item()})
+
+    # 4: T5 + Flux
+    torch.manual_seed(seed)
+    t5 = T5Encoder(t5_config(recipe, tok.vocab_size)).to(device)
+    flux = initialize(Flux(flux_config(recipe))).to(device)
+    params = [*t5.parameters(), *flux.parameters()]
+    log(
+        {
+            "stage": "model",
+            "flux_params": sum(p.numel() for p in flux.parameters()),
+            "t5_params": sum(p.numel() for p in t5.parameters()),
+        }
+    )
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    caption_config = SceneConfig(
+        background_phrase=recipe.background_phrase, colourless=recipe.colourless, positions=recipe.positions
+    )
+    meta = [make_scene(s, SceneConfig(size=recipe.size)) for s in range(recipe.scenes)]  # shapes, places, background
+    held_scenes = [make_scene(s, SceneConfig(size=recipe.size)) for s in held_out_seeds(recipe.eval_scenes)]
+    held_captions = [s.caption for s in held_scenes]
+    B = recipe.batch
+    probe = probe_batch(cache["held_out"][:32].to(device), held_captions[:32], seed)
+    for step in range(recipe.steps + 1):
+        if step % recipe.eval_every == 0 or step == recipe.steps:
+            flux.eval()
+            with torch.no_grad():
+                scores = {
+                    k: velocity_loss(flux, t5, tok, *batch, recipe.max_length).item() for k, batch in probe.items()
+                }
+                for i in range(0, recipe.eval_scenes, 50):
+                    part = alignment.evaluate(
+                        flux,
+                        t5,
+                        tok,
+                        cache["held_out"][i : i + 50].to(device),
+                        held_scenes[i : i + 50],
+                        held_captions[i : i + 50],
+                        recipe.max_length,
+                    )
+                    for k, v in part.items():
+                        scores[k] = scores.get(k, 0.0) + v * len(held_scenes[i : i + 50]) / recipe.eval_scenes
+            log({"stage": "eval", "step": step, **{k: round(v, 4) for k, v in scores.items()}})
+            flux.train()
+        if step == recipe.steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe.steps, recipe.warmup, recipe.lr)
+        index = torch.randint(0, recipe.scenes, (B,), generator=generator)
+        captions = []
+        for i in index.tolist():
+            scene = meta[i]
+            single = len(scene.shapes) == 1 and rng.random() < recipe.single_word
+            captions.append(
+                scene.shapes[0][1]
+                if single
+                else caption_for(scene.shapes, scene.background, scene.places, rng, caption_config)
+            )
+        z = latents[index]
+        noise = torch.randn(z.shape, generator=generator).to(device)
+        t = sample_t(generator, B, recipe.t_sampler, recipe.t_mean).to(device)
+        loss = velocity_loss(flux, t5, tok, z, captions, noise, t, recipe.max_length)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 100 == 0:
+            log({"stage": "flux", "step": step, "loss": round(loss.item(), 5)})
+
+    save_file(flux.state_dict(), out / "flux.safetensors")
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, out / "t5.safetensors")
+    for name, config in (("flux", flux.config), ("t5", t5.config)):
+        (out / f"{name}_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if reuse is not None:
+        for name in ("ae.safetensors", "ae_config.json"):
+            (out / name).write_bytes((reuse / name).read_bytes())
+    (out / "recipe.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(recipe)}, indent=2) + "\n")
+    log({"stage": "done", "time_total": round(time.time() - start, 1)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--ae", type=Path, default=None, help="reuse the autoencoder and cached latents of a run")
+    for field in dataclasses.fields(Recipe):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # one thread per process is fastest on a small shared CPU
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    train(recipe, args.out, args.device, args.seed, args.ae)
+
+
+if __name__ == "__main__":
+    main()

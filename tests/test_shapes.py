@@ -1,0 +1,130 @@
+"""The shapes scenes (reproducible, exact masks, held-out split) and the training loop (a few steps lower the loss)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shapes.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_SEED_START,
+    SHAPES,
+    SceneConfig,
+    held_out_seeds,
+    make_batch,
+    make_scene,
+    shape_mask,
+    training_seeds,
+)
+
+
+def test_scenes_are_reproducible_from_their_seed():
+    for seed in (0, 7, HELD_OUT_SEED_START + 3):
+        a, b = make_scene(seed), make_scene(seed)
+        assert np.array_equal(a.image, b.image) and a.caption == b.caption and a.shapes == b.shapes
+        assert a.masks.keys() == b.masks.keys() and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert not np.array_equal(make_scene(0).image, make_scene(1).image)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_masks_are_exactly_the_painted_pixels(seed):
+    # Independent of the mask code: segment the image by colour. Backgrounds are greys, shape colours are saturated,
+    # so a pixel has a shape's RGB exactly when that shape is visible there.
+    scene = make_scene(seed)
+    union = np.zeros(scene.image.shape[:2], dtype=bool)
+    for colour, kind in scene.shapes:
+        painted = np.all(scene.image == np.array(COLOURS[colour], dtype=np.uint8), axis=-1)
+        assert np.array_equal(scene.masks[kind], painted), f"{kind} mask differs from its {colour} pixels"
+        assert np.array_equal(scene.masks[colour], painted)
+        assert painted.sum() > 0.005 * painted.size  # every shape is visible
+        assert not (union & painted).any()  # shapes never overlap
+        union |= painted
+        assert kind in scene.caption.split()
+    assert np.array_equal(scene.masks["background"], ~union)
+    assert np.array_equal(scene.masks[scene.background], ~union)
+    for word in scene.masks:
+        assert word in SHAPES or word in COLOURS or word in BACKGROUNDS or word == "background"
+
+
+def test_shape_areas_match_geometry():
+    # known areas: circle pi r^2, square (1.6 r)^2, diamond 2 * 0.75 r * r; pixel-centre sampling error < 2 %
+    size, r = 512, 100.0
+    for kind, area in (("circle", math.pi * r**2), ("square", (1.6 * r) ** 2), ("diamond", 1.5 * r**2)):
+        measured = shape_mask(kind, size / 2, size / 2, r, size).sum()
+        print(kind, measured, area)
+        assert abs(measured - area) / area < 0.02
+
+
+def test_caption_options_and_split():
+    single = make_scene(3, SceneConfig(single_word=1.0))
+    assert single.caption in SHAPES and len(single.shapes) == 1
+    plain = make_scene(3, SceneConfig(colourless=1.0, background_phrase=0.0))
+    assert not set(plain.caption.split()) & set(COLOURS) and "background" not in plain.caption
+    assert np.array_equal(plain.image, make_scene(3).image)  # caption options never change a seed's image
+    named = make_scene(3, SceneConfig(background_phrase=1.0))
+    assert named.caption.endswith(f"on a {named.background} background")
+    assert min(held_out_seeds(5)) >= HELD_OUT_SEED_START
+    assert max(training_seeds(torch.Generator().manual_seed(0), 1000)) < HELD_OUT_SEED_START
+    images, captions, _ = make_batch([1, 2], SceneConfig(size=32))
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1 and len(captions) == 2
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    from shapes.train import Recipe, train
+
+    recipe = Recipe(
+        size=32, scenes=64, ae_steps=30, ae_batch=8, ae_size=16, ae_full_steps=5, hidden=32, heads=2, depth=2,
+        single=1, t5_dim=32, steps=100, batch=8, lr=3e-3, warmup=10, eval_every=100, eval_scenes=8,
+    )  # fmt: skip
+    train(recipe, tmp_path, "cpu", seed=0)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    ae = [r["loss"] for r in records if r["stage"] == "ae" and "loss" in r]
+    probes = [r["probe_loss"] for r in records if r["stage"] == "eval"]
+    print("autoencoder loss", ae[0], "->", ae[-1], "; held-out velocity loss", probes[0], "->", probes[-1])
+    assert ae[-1] < ae[0]
+    # the probe is a fixed held-out batch with fixed noise at t = 0.5, so the change is not sampling noise
+    assert probes[-1] < 0.97 * probes[0]
+    for name in ("flux", "t5", "ae"):
+        assert (tmp_path / f"{name}.safetensors").is_file() and (tmp_path / f"{name}_config.json").is_file()
+    assert (tmp_path / "tokenizer_2" / "spiece.model").is_file()
+
+
+def test_alignment_score_known_values():
+    from shapes.eval import CONCEPTS, score
+
+    scenes = [make_scene(s) for s in held_out_seeds(6)]
+    words = [list(CONCEPTS)] * len(scenes)
+    blank = np.zeros(scenes[0].image.shape[:2], dtype=bool)
+    # full-resolution maps equal to the masks: the mean threshold recovers each mask exactly, so both IoUs are 1
+    perfect = torch.stack(
+        [torch.stack([torch.from_numpy(s.masks.get(c, blank)).float() for c in CONCEPTS]) for s in scenes]
+    )
+    assert score(perfect, scenes, words) == {"miou": 1.0, "fg": 1.0}
+    # the complement selects exactly the wrong pixels: both IoUs are 0
+    assert score(1 - perfect, scenes, words) == {"miou": 0.0, "fg": 0.0}
+
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights"
+
+
+@pytest.mark.skipif(not (WEIGHTS / "flux.safetensors").is_file(), reason="no shipped shapes weights")
+def test_shipped_weights_load_strictly_and_reproduce_the_model_card_sample():
+    from PIL import Image
+
+    from shapes.eval import SAMPLE_PROMPTS, load, sample
+
+    flux, t5, tok, ae, max_length = load(WEIGHTS)  # load_state_dict(strict=True) for all three models
+    with torch.no_grad():
+        images = sample(flux, t5, tok, ae, SAMPLE_PROMPTS[:2], max_length, seed=0)
+    ours = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # (B, H, W, 3)
+    card = np.asarray(Image.open(WEIGHTS.parent / "samples.png"))  # the model card's row, first prompts first
+    width = ours.shape[2]
+    for i, image in enumerate(ours):
+        diff = np.abs(image.astype(int) - card[:, i * width : (i + 1) * width].astype(int))
+        print(SAMPLE_PROMPTS[i], "max uint8 difference", diff.max())
+        # float32 CPU sampling; different thread counts may reorder sums, so allow a few levels of rounding
+        assert diff.max() <= 3
