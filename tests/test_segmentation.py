@@ -239,7 +239,6 @@ def test_metrics_match_sklearn():
     assert two_channel_average_precision(scores, truth) == pytest.approx(stacked, abs=1e-12)
 
 
-
 def test_multiclass_map_is_mean_per_class_ap():
     rng = np.random.default_rng(3)
     label = rng.integers(0, 3, (10, 12))
@@ -249,6 +248,7 @@ def test_multiclass_map_is_mean_per_class_ap():
     valid = label != 255
     expected = np.mean([average_precision_score(label[valid] == c, scores[c][valid]) for c in (1, 2)])
     assert stats.ap == pytest.approx(expected, abs=1e-12) and stats.ap_two_channel is None
+
 
 def official_stacked(masks, labels):
     """The official ImageNet / VOC single-class code, re-done here: stacked (1 - m, m) channels, +1 shift, histograms
