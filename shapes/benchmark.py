@@ -125,11 +125,11 @@ def report(summary: dict, scenes: int) -> str:
         rows = []
         for space in SPACES:
             for softmax in (True, False):
-                tag = f"{space}{' softmax' if softmax else ''} "
-                cands = {k: v for k, v in part["methods"].items() if k.startswith(tag)}
+                tag = f"{space}{' softmax' if softmax else ''}"
+                cands = {k: v for k, v in part["methods"].items() if k.split(" layers=")[0] == tag}
                 best = max(cands, key=lambda k: cands[k]["miou"])
                 every = next(k for k in cands if "layers=all" in k and "t=0.5" in k)
-                rows += [(every, cands[every]), (f"{best} (best)", cands[best])]
+                rows += [(every, cands[every]), (f"{best} (best on these scenes)", cands[best])]
         rows += [(k, v) for k, v in part["baselines"].items()]
         for label, m in rows:
             ap = "-" if m.get("map") is None else f"{100 * m['map']:.1f}"
