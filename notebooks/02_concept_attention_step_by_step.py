@@ -315,7 +315,8 @@ check("pipe.explain(layers=(0,)) equals the map above", torch.allclose(one_layer
 # The paper's map is an **average**: of the softmaxed maps of several double blocks (layers) and, when generating,
 # of several sampling steps (timesteps). `pipe.generate(..., keep_grid=True)` samples an image from the caption exactly
 # as Flux does and keeps the map of every layer at every step (for all four saliency spaces, with and without softmax;
-# notebook 3 compares them). `result.select(...)` then averages any part of the grid.
+# notebook 3 compares them). `result.select(...)` then averages any part of the grid. The pictures show how the maps
+# are organised (one per block and step); with the shapes model their content is near chance, as said at the top.
 
 # %%
 generated = pipe.generate(scene.caption, concepts, height=SIZE, width=SIZE, num_steps=4, seed=1,
@@ -395,10 +396,10 @@ plt.show()
 # best concept) next to the true masks, with the IoU of each pair.
 #
 # **What to expect from the shapes model:** its maps are at chance level (model card: 0.31 mIoU on 500 held-out
-# scenes, random maps 0.28-0.30), so the argmax masks will not follow the true shapes, and one scene's IoUs are noise
-# around that level; a high IoU here would be luck, not localisation. These cells are the measurement: run them with
-# a better-trained model or FLUX.1-schnell and the same IoUs say how well it localises each concept. Notebook 3 scores
-# many scenes instead of one.
+# scenes, random maps 0.28-0.30), so do not expect the argmax masks to follow the true shapes: one scene's IoUs are
+# noise around that level, and a high IoU here would be luck, not localisation. These cells are the measurement: run
+# them with a better-trained model or FLUX.1-schnell and the same IoUs say how well it localises each concept.
+# Notebook 3 scores many scenes instead of one.
 
 # %%
 explained = pipe.explain(image, concepts, prompt=scene.caption, progress=False)
@@ -429,6 +430,8 @@ plt.show()
 #   pipeline.
 # - Notebook 3 compares the four saliency spaces, with and without softmax, per layer and per noise level, on a
 #   benchmark of held-out scenes.
+# - [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md) records how the shapes model was trained, what was tried to make
+#   its maps localise, and what is left to try (many more steps, ideally on a GPU: `python -m shapes.train`).
 
 # %%
 print(f"notebook ran in {time.time() - NOTEBOOK_START:.1f} s on {MODEL!r}")
