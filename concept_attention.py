@@ -46,14 +46,15 @@ def default_device() -> torch.device:
 class ConceptAttentionPipeline:
     """Flux + its autoencoder and text encoders, with ConceptAttention maps collected during the same forwards.
 
-    `clip` may be None (the pooled vector is then zero, as in the built-in shapes model). With `offload=True` the text
-    encoders stay on the CPU and visit `device` only to encode, so a 24 GB card can hold the transformer.
+    `clip` may be None (the pooled vector is then zero, as in the built-in shapes model). The modules are used in the
+    dtype they were loaded in; `dtype` is that of the inputs (default: the transformer's). With `offload=True` the text
+    encoders stay on the CPU and visit `device` only to encode, so the transformer need not share the card with T5.
     """
 
     def __init__(self, flux: Flux, autoencoder, t5, t5_tokenizer, clip=None, clip_tokenizer=None, device=None,
                  dtype=None, offload: bool = False, max_length: int = 256, source: str = "custom"):  # fmt: skip
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or next(flux.parameters()).dtype  # inputs follow the transformer unless told otherwise
         self.flux, self.autoencoder = flux.to(self.device), autoencoder.to(self.device)
         self.offload = offload
         text_device = "cpu" if offload else self.device
@@ -83,8 +84,9 @@ class ConceptAttentionPipeline:
             clip, clip_tokenizer = None, None
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
-        return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype or flux.img_in.weight.dtype,
-                   offload, max_length, str(source))  # fmt: skip
+        return cls(
+            flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, offload, max_length, str(source)
+        )
 
     # ---- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
