@@ -77,6 +77,7 @@ from concept_attention import ConceptAttentionPipeline
 from saliency import SPACES
 from segmentation import FolderSegmentation, ImageNetSegmentation, Protocol, method_grid, run
 from segmentation.protocols import PROTOCOLS
+from shapes.benchmark import baselines
 from shapes.scenes import HELD_OUT_SEED_START, SHAPES, SceneConfig, held_out_seeds, make_scene
 
 torch.set_grad_enabled(False)
@@ -226,9 +227,10 @@ print(f"scored {len(methods)} methods on {results['config']['selected']} images 
 # All layers averaged, at `t = 0.5`: every space with and without softmax. Acc is pixel accuracy, mIoU the mean of
 # the object's and the background's IoU, mAP the mean over images of the average precision of the target's map (in %).
 #
-# **Reading the numbers on the shapes model.** The rows differ, sometimes by many points, but this notebook does not
-# measure the chance level of its own protocol (object above its mean, other shapes ignored), so a number here is not
-# by itself evidence of localisation. The model card's 500-scene measurement, with a slightly different protocol,
+# **Reading the numbers on the shapes model.** The rows differ, sometimes by many points; the two rows under the table
+# give the level a map must beat: predictions that look at no image at all (`shapes.benchmark.baselines`: everything
+# background, and a centred disc), scored on the same scenes. The model card's 500-scene measurement, with a slightly
+# different protocol,
 # puts the output space at chance (0.31 mIoU; random maps 0.28-0.30) and the attention scores modestly above it
 # (0.38), partly a foreground effect shared by all concepts (a centred blob, the same for every concept, scores 0.34).
 # With 40 scenes (the default) differences of a few points are within the noise of the sample, and the "best of all
@@ -260,6 +262,8 @@ def space_table(results: dict, layers, t: float) -> str:
 
 
 display(Markdown(space_table(results, None, 0.5)))
+for name, m in baselines(dataset, binary=True, size=SIZE).items():  # no model: the level to beat
+    print(f"baseline {name:15s} Acc {100 * m['acc']:.1f}  mIoU {100 * m['miou']:.1f}  mAP {100 * m['map']:.1f}")
 lookup = metric_lookup(results)
 best = max(lookup, key=lambda key: lookup[key]["miou"])
 best_layers = "all" if best[2] is None else best[2]
