@@ -19,6 +19,7 @@ Two kinds of concept tokens are measured:
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -83,6 +84,28 @@ def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
     return torch.stack([m.softmax(softmax_dim) if softmax_dim is not None else m for m in per_layer]).mean(0)
 
 
+def attention_budget(sal: list, scenes: list[Scene], h: int, w: int) -> dict[str, float]:
+    """Where the concept queries' attention goes, averaged over blocks, heads and present shapes:
+    `image_mass` the share on image tokens (the rest is on the concepts), `entropy` of the image part normalised to
+    [0, 1] (1 = uniform over the tokens), `lift` the image attention on the named shape's tokens over the shape's
+    share of the image (1 = no preference; a map that localises has lift well above 1)."""
+    weights = torch.stack([s.attention.mean(1) for s in sal]).mean(0)  # (B, C, N) image columns, heads averaged
+    mass = weights.sum(-1, keepdim=True)
+    p = weights / mass
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
+    lifts = []
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(CONCEPTS):
+            if word in SHAPES and word in scene.masks:
+                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
+                lifts.append((p[b, c].cpu() * area).sum() / area.mean())
+    return {
+        "budget/image_mass": mass.mean().item(),
+        "budget/entropy": entropy.mean().item(),
+        "budget/lift": torch.stack(lifts).mean().item(),
+    }
+
+
 def evaluate(
     flux: Flux,
     t5: T5Encoder,
@@ -132,6 +155,7 @@ def evaluate(
     for name, m in maps.items():
         for key, value in score(m.reshape(B, -1, h, w), scenes, words).items():
             results[f"alone/{name}/{key}"] = value
+    results.update(attention_budget(sal, scenes, h, w))
 
     # the caption itself as the concept stream (an exact copy of the text stream)
     out = flux(

@@ -10,6 +10,7 @@ import torch
 from clip import CONFIGS, CLIPTextConfig, CLIPTextEncoder
 from clip.model import LEGACY_KEYS
 from manifests import manifest_shapes
+from tiny import random_state
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,16 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = CONFIGS["tiny"]
 EOS = TINY.vocab_size - 1  # as in CLIP's vocabulary, <|endoftext|> is the last id and <|startoftext|> the one before
 BOS = TINY.vocab_size - 2
-
-
-def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """N(0, 0.2^2) weights and biases, N(1, 0.1^2) norm scales: untrained layers that still do something."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in model.state_dict().items():
-        noise = torch.randn(p.shape, generator=g)
-        state[name] = 1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise
-    return state
 
 
 def reference(config: CLIPTextConfig) -> torch.nn.Module:

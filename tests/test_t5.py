@@ -10,22 +10,13 @@ import torch
 from manifests import manifest_shapes
 from t5 import CONFIGS, T5Config, T5Encoder
 from t5.model import relative_position_bucket
+from tiny import random_state
 
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 # A wider relative-position range than the tiny preset, so that sequences of 40 reach the logarithmic buckets.
 TINY = replace(CONFIGS["tiny"], relative_attention_num_buckets=16, relative_attention_max_distance=20)
-
-
-def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """N(0, 0.2^2) weights and N(1, 0.1^2) norm scales: untrained blocks that still change the hidden state."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in model.state_dict().items():
-        noise = torch.randn(p.shape, generator=g)
-        state[name] = 1 + 0.1 * noise if "layer_norm" in name else 0.2 * noise
-    return state
 
 
 def reference(config: T5Config) -> torch.nn.Module:

@@ -46,6 +46,17 @@ def train_spiece(folder, vocab_size: int = 60) -> None:
     (folder / "spiece.model").write_bytes(model.getvalue())
 
 
+def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """N(0, 0.2^2) for every tensor of the state dict and N(1, 0.1^2) for norm scales: untrained layers that still
+    change the hidden state (used to compare an encoder with its reference under the same weights)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        noise = torch.randn(p.shape, generator=g)
+        state[name] = 1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise
+    return state
+
+
 def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     """Every parameter drawn from N(0, std^2) (norm scales around 1), so untrained blocks still do something."""
     g = torch.Generator().manual_seed(seed)
