@@ -15,6 +15,9 @@ Two kinds of concept tokens are measured:
   stream is an exact copy of the text stream, so its cross-attention space is the image queries -> prompt-word keys
   attention (softmax over all prompt tokens, per head), the first sign of life, and its output space says what
   ConceptAttention would give if the concept token were the word in its caption.
+
+`budget/*` says where the concept queries' attention goes (`attention_budget`): how much of it is on the image, how
+uniform it is there, and how much more of it lands on the named shape than a uniform map would put there.
 """
 
 import argparse
@@ -85,24 +88,24 @@ def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
 
 
 def attention_budget(sal: list, scenes: list[Scene], h: int, w: int) -> dict[str, float]:
-    """Where the concept queries' attention goes, averaged over blocks, heads and present shapes:
+    """Where the concept queries' attention goes, averaged over blocks, heads and the shapes present in each scene:
     `image_mass` the share on image tokens (the rest is on the concepts), `entropy` of the image part normalised to
     [0, 1] (1 = uniform over the tokens), `lift` the image attention on the named shape's tokens over the shape's
     share of the image (1 = no preference; a map that localises has lift well above 1)."""
     weights = torch.stack([s.attention.mean(1) for s in sal]).mean(0)  # (B, C, N) image columns, heads averaged
-    mass = weights.sum(-1, keepdim=True)
-    p = weights / mass
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])
-    lifts = []
+    mass, entropy, lift = [], [], []
     for b, scene in enumerate(scenes):
         for c, word in enumerate(CONCEPTS):
             if word in SHAPES and word in scene.masks:
+                p = weights[b, c].cpu()
                 area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
-                lifts.append((p[b, c].cpu() * area).sum() / area.mean())
+                mass.append(p.sum())
+                p = p / p.sum()
+                entropy.append(-(p * p.clamp_min(1e-12).log()).sum() / math.log(p.numel()))
+                lift.append((p * area).sum() / area.mean())
     return {
-        "budget/image_mass": mass.mean().item(),
-        "budget/entropy": entropy.mean().item(),
-        "budget/lift": torch.stack(lifts).mean().item(),
+        f"budget/{k}": torch.stack(v).mean().item()
+        for k, v in zip(("image_mass", "entropy", "lift"), (mass, entropy, lift), strict=True)
     }
 
 

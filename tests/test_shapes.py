@@ -108,6 +108,33 @@ def test_alignment_score_known_values():
     assert score(1 - perfect, scenes, words) == {"miou": 0.0, "fg": 0.0}
 
 
+def test_attention_budget_known_values():
+    from mmdit import ConceptSaliency
+    from shapes.eval import CONCEPTS, attention_budget
+
+    scenes = [make_scene(s) for s in held_out_seeds(4)]
+    B, C, H, h = len(scenes), len(CONCEPTS), 2, 8
+    # uniform attention over the image with 0.75 of the mass on it: entropy 1, lift 1, image mass 0.75
+    uniform = torch.full((B, H, C, h * h), 0.75 / (h * h))
+    budget = attention_budget([ConceptSaliency(attention=uniform)] * 3, scenes, h, h)
+    assert budget["budget/image_mass"] == pytest.approx(0.75, abs=1e-6)
+    assert budget["budget/entropy"] == pytest.approx(1.0, abs=1e-5)
+    assert budget["budget/lift"] == pytest.approx(1.0, abs=1e-5)
+    # each concept attending to its own shape's token coverage: lift = sum(area^2) / (sum(area) * mean(area))
+    focused, expected = torch.full((B, H, C, h * h), 1e-9), []
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(CONCEPTS):
+            if word in scene.masks and word != "background":
+                mask = torch.from_numpy(scene.masks[word]).float()
+                area = mask.reshape(h, mask.shape[0] // h, h, mask.shape[1] // h).mean((1, 3)).flatten()
+                focused[b, :, c] = area
+                expected.append((area**2).sum() / area.sum() / area.mean())
+    budget = attention_budget([ConceptSaliency(attention=focused)], scenes, h, h)
+    assert budget["budget/lift"] == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+    assert budget["budget/lift"] > 5  # shapes cover a few of the 64 tokens
+    assert budget["budget/entropy"] < 0.7
+
+
 WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights"
 
 
