@@ -44,9 +44,11 @@ class T5Config:
     layer_norm_epsilon: float
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_layers < 0:  # 0: word embeddings and the final norm only, no token sees another
+            raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
         buckets = self.relative_attention_num_buckets
         if buckets < 4 or buckets % 4:
             # Half the buckets per direction, and half of those for exact small distances.
@@ -228,6 +230,8 @@ class Stack(nn.Module):
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if not self.block:  # no layers: each token is its own embedding, normalised
+            return self.final_layer_norm(h)
         bias = self.block[0].layer[0].SelfAttention.position_bias(h.shape[1]).to(h.dtype)  # (1, H, L, L)
         if attention_mask is not None:
             bias = bias + padding_bias(attention_mask, h.dtype)  # (B, H, L, L)

@@ -77,6 +77,23 @@ def test_matches_transformers_fp32(pair):
 
 
 @torch.no_grad()
+def test_zero_layers_match_transformers():
+    """num_layers = 0 (the shapes research's encoder that does not mix words): embeddings and the final norm only."""
+    config = replace(TINY, num_layers=0)
+    ours = T5Encoder(config).eval()
+    state = random_state(ours, seed=3)
+    ours.load_state_dict(state, strict=True)
+    hf = reference(config)
+    hf.load_state_dict(state, strict=False)
+    ids, mask = batch()
+    error = (ours(ids) - hf(input_ids=ids).last_hidden_state).abs().max().item()
+    print(f"T5 with no layers, fp32 max abs error: {error:.2e}")
+    assert error <= 1e-6
+    # no token sees another: a word's output does not depend on its neighbours
+    assert torch.equal(ours(ids)[0, :5], ours(ids[:, :5])[0])
+
+
+@torch.no_grad()
 def test_matches_transformers_bf16(pair):
     ours, hf = pair
     ids, _ = batch()
