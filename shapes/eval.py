@@ -35,7 +35,7 @@ from torch import Tensor
 from autoencoder import AutoEncoder, AutoEncoderConfig
 from mmdit import ConceptInput, Flux, FluxConfig
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
-from shapes.scenes import COLOURS, SHAPES, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
+from shapes.scenes import COLOURS, SHAPES, WORLDS, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
 from t5 import T5Config, T5Encoder, T5Tokenizer
 
 SAMPLE_PROMPTS = [
@@ -47,6 +47,12 @@ SAMPLE_PROMPTS = [
 ]
 CONCEPTS = (*SHAPES, "background")
 COLOUR_CONCEPTS = (*COLOURS, "background")
+
+
+def world_concepts(world: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The shape concepts and the colour concepts of a scene world (`shapes.scenes.WORLDS`), each with "background"."""
+    config = SceneConfig(**WORLDS[world])
+    return (*config.shapes, "background"), (*config.colours, "background")
 
 
 def noised(latents: Tensor, t: float, seed: int) -> Tensor:
@@ -87,7 +93,9 @@ def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
     return torch.stack([m.softmax(softmax_dim) if softmax_dim is not None else m for m in per_layer]).mean(0)
 
 
-def attention_budget(sal: list, scenes: list[Scene], h: int, w: int) -> dict[str, float]:
+def attention_budget(
+    sal: list, scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...] = CONCEPTS
+) -> dict[str, float]:
     """Where the concept queries' attention goes, averaged over blocks, heads and the shapes present in each scene:
     `image_mass` the share on image tokens (the rest is on the concepts), `entropy` of the image part normalised to
     [0, 1] (1 = uniform over the tokens), `lift` the image attention on the named shape's tokens over the shape's
@@ -95,7 +103,7 @@ def attention_budget(sal: list, scenes: list[Scene], h: int, w: int) -> dict[str
     weights = torch.stack([s.attention.mean(1) for s in sal]).mean(0)  # (B, C, N) image columns, heads averaged
     mass, entropy, lift = [], [], []
     for b, scene in enumerate(scenes):
-        for c, word in enumerate(CONCEPTS):
+        for c, word in enumerate(concepts):
             if word in SHAPES and word in scene.masks:
                 p = weights[b, c].cpu()
                 area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
@@ -120,8 +128,10 @@ def evaluate(
     t: float = 0.5,
     seed: int = 0,
     layers: tuple[int, ...] | None = None,
+    world: str = "full",
 ) -> dict[str, float]:
-    """Alignment scores of `flux` on scenes with clean latents (B, 16, H/8, W/8); see the module docstring."""
+    """Alignment scores of `flux` on scenes with clean latents (B, 16, H/8, W/8); see the module docstring. The
+    concepts are the shape (and colour) words of the scenes' `world`."""
     device = latents.device
     B, _, h2, w2 = latents.shape
     size = scenes[0].image.shape[0]
@@ -135,11 +145,12 @@ def evaluate(
     results: dict[str, float] = {}
 
     # concepts encoded alone
-    alone = encode_alone(t5, tok, list(CONCEPTS), max_length)[None].expand(B, -1, -1)  # (B, C, d)
+    concepts, colour_concepts = world_concepts(world)
+    alone = encode_alone(t5, tok, list(concepts), max_length)[None].expand(B, -1, -1)  # (B, C, d)
     spaces = ("output", "attention", "cross_attention")
     out = flux(**common, concepts=ConceptInput(alone, spaces=spaces, layers=layers), stop_after_double=True)
     sal = [out.saliency[i] for i in sorted(out.saliency)]
-    words = [list(CONCEPTS)] * B
+    words = [list(concepts)] * B
     maps = {
         "output_softmax": layer_mean([s.output for s in sal], softmax_dim=1),  # (B, C, N)
         "output_raw": layer_mean([s.output for s in sal], None),
@@ -147,10 +158,10 @@ def evaluate(
         "cross_softmax": layer_mean([s.cross_attention.softmax(2).mean(1) for s in sal], None),
     }
     # colour words as concepts (each colour's mask is the shape painted in it)
-    colours = encode_alone(t5, tok, list(COLOUR_CONCEPTS), max_length)[None].expand(B, -1, -1)  # (B, C, d)
+    colours = encode_alone(t5, tok, list(colour_concepts), max_length)[None].expand(B, -1, -1)  # (B, C, d)
     out = flux(**common, concepts=ConceptInput(colours, layers=layers), stop_after_double=True)
     colour_maps = layer_mean([out.saliency[i].output for i in sorted(out.saliency)], 1).reshape(B, -1, h, w)
-    for key, value in score(colour_maps, scenes, [list(COLOUR_CONCEPTS)] * B, COLOURS).items():
+    for key, value in score(colour_maps, scenes, [list(colour_concepts)] * B, COLOURS).items():
         results[f"colours/output_softmax/{key}"] = value
     # the paper's Table 4 ablation: concepts attend to the image only
     out = flux(**common, concepts=ConceptInput(alone, target="image", layers=layers), stop_after_double=True)
@@ -158,7 +169,7 @@ def evaluate(
     for name, m in maps.items():
         for key, value in score(m.reshape(B, -1, h, w), scenes, words).items():
             results[f"alone/{name}/{key}"] = value
-    results.update(attention_budget(sal, scenes, h, w))
+    results.update(attention_budget(sal, scenes, h, w, concepts))
 
     # the caption itself as the concept stream (an exact copy of the text stream)
     out = flux(
@@ -234,15 +245,16 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=None, help="also draw SAMPLE_PROMPTS into this PNG")
     args = parser.parse_args()
     flux, t5, tok, ae, max_length = load(args.weights)
+    world = json.loads((args.weights / "recipe.json").read_text()).get("world", "full")
+    config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
     if args.samples is not None:
         with torch.no_grad():
             save_samples(sample(flux, t5, tok, ae, SAMPLE_PROMPTS, max_length, seed=args.seed), args.samples)
-    size = ae.config.resolution
-    scenes = [make_scene(s, SceneConfig(size=size)) for s in held_out_seeds(args.scenes)]
+    scenes = [make_scene(s, config) for s in held_out_seeds(args.scenes)]
     layer_sets = [None] + ([(i,) for i in range(flux.config.depth)] if args.per_layer else [])
     with torch.no_grad():
         latents = torch.cat(
-            [ae.encode(make_batch(held_out_seeds(50, i), SceneConfig(size=size))[0]) for i in range(0, args.scenes, 50)]
+            [ae.encode(make_batch(held_out_seeds(50, i), config)[0]) for i in range(0, args.scenes, 50)]
         )[: args.scenes]
         for t in args.t:
             for layers in layer_sets:
@@ -260,6 +272,7 @@ def main() -> None:
                         t=t,
                         seed=args.seed + i,
                         layers=layers,
+                        world=world,
                     )
                     for k, v in scores.items():
                         totals[k] = totals.get(k, 0.0) + v * len(part) / args.scenes

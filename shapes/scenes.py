@@ -32,6 +32,11 @@ COLOURS = {
 }
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 HELD_OUT_SEED_START = 1_000_000_000  # training never draws seeds at or above this
+# Scene vocabularies by name (SceneConfig fields). "simple" is the research log's r9 world (shapes/MODEL_CARD.md).
+WORLDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "full": {},
+    "simple": {"shapes": SHAPES[:3], "colours": ("red", "green", "blue"), "backgrounds": ("black",)},
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class SceneConfig:
     single_word: float = 0.0  # probability of a one-shape scene captioned by the shape's name alone
     colourless: float = 0.0  # probability that the caption leaves out the colours ("a circle and a star")
     positions: float = 0.0  # probability that the caption says where each shape is ("a red circle at the top left")
+    shapes: tuple[str, ...] = SHAPES  # the world's vocabulary (see WORLDS); a seed's draws depend only on the sizes
+    colours: tuple[str, ...] = tuple(COLOURS)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
 
     def __post_init__(self):
         if self.size < 16:
@@ -52,6 +60,12 @@ class SceneConfig:
             raise ValueError(f"max_shapes must be 1, 2 or 3, got {self.max_shapes}")
         if not 0 < self.min_radius <= self.max_radius <= 0.3:
             raise ValueError(f"need 0 < min_radius <= max_radius <= 0.3, got {self.min_radius}, {self.max_radius}")
+        for name, known in (("shapes", SHAPES), ("colours", tuple(COLOURS)), ("backgrounds", tuple(BACKGROUNDS))):
+            words = getattr(self, name)
+            if not words or len(set(words)) != len(words) or not set(words) <= set(known):
+                raise ValueError(f"{name} must be distinct words from {known}, got {words}")
+        if min(len(self.shapes), len(self.colours)) < self.max_shapes:
+            raise ValueError(f"{self.max_shapes} shapes of distinct kinds and colours need as many shapes and colours")
         for name in ("background_phrase", "single_word", "colourless", "positions"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
@@ -138,9 +152,9 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     size = config.size
     single = rng.random() < config.single_word
     count = 1 if single else int(rng.integers(1, config.max_shapes + 1))
-    kinds = rng.choice(len(SHAPES), size=count, replace=False)
-    colours = rng.choice(len(COLOURS), size=count, replace=False)
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    kinds = rng.choice(len(config.shapes), size=count, replace=False)
+    colours = rng.choice(len(config.colours), size=count, replace=False)
+    background = config.backgrounds[int(rng.integers(len(config.backgrounds)))]
     # place shapes one by one; a position is rejected when the shape, grown by 15 %, touches one already placed
     placed: list[tuple[str, str, np.ndarray]] = []
     taken = np.zeros((size, size), dtype=bool)
@@ -148,9 +162,9 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
         for _attempt in range(50):
             r = size * rng.uniform(config.min_radius, config.max_radius)
             cx, cy = rng.uniform(r, size - r, size=2)
-            if not (shape_mask(SHAPES[k], cx, cy, 1.15 * r, size) & taken).any():
-                mask = shape_mask(SHAPES[k], cx, cy, r, size)
-                placed.append((list(COLOURS)[int(c)], SHAPES[int(k)], mask))
+            if not (shape_mask(config.shapes[k], cx, cy, 1.15 * r, size) & taken).any():
+                mask = shape_mask(config.shapes[k], cx, cy, r, size)
+                placed.append((config.colours[int(c)], config.shapes[int(k)], mask))
                 taken |= mask
                 break
     # a shape that found no room is left out of the scene and its caption

@@ -35,13 +35,23 @@ from autoencoder import AutoEncoder, AutoEncoderConfig
 from mmdit import Flux, FluxConfig
 from sampling import image_ids, pack, text_ids
 from shapes import eval as alignment
-from shapes.scenes import SceneConfig, caption_for, corpus, held_out_seeds, make_batch, make_scene, training_seeds
+from shapes.scenes import (
+    WORLDS,
+    SceneConfig,
+    caption_for,
+    corpus,
+    held_out_seeds,
+    make_batch,
+    make_scene,
+    training_seeds,
+)
 from t5 import T5Config, T5Encoder, T5Tokenizer
 
 
 @dataclass(frozen=True)
 class Recipe:
     size: int = 128  # image size; the transformer sees (size / 16)^2 tokens
+    world: str = "full"  # the scenes' vocabulary, a key of shapes.scenes.WORLDS ("simple": 3 shapes, 3 colours, black)
     max_length: int = 32  # T5 tokens per caption (a concept is padded to this length too); longest caption: 28
     scenes: int = 6000  # cached training scenes, seeds 0 .. scenes - 1
     background_phrase: float = 0.5  # probability that a caption names the background
@@ -78,8 +88,15 @@ class Recipe:
             raise ValueError(f"ae_size must be a multiple of the autoencoder's factor 8, got {self.ae_size}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 8:
             raise ValueError(f"hidden / heads must be a multiple of 8 (RoPE axes), got {self.hidden} / {self.heads}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world must be one of {sorted(WORLDS)}, got {self.world!r}")
         if self.t_sampler not in ("logit_normal", "uniform"):
             raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
+
+
+def scene_config(recipe: Recipe, size: int | None = None, **captions: float) -> SceneConfig:
+    """The scenes of `recipe`'s world at `size` (default: the recipe's), with caption options `captions`."""
+    return SceneConfig(size=size or recipe.size, **WORLDS[recipe.world], **captions)
 
 
 def flux_config(recipe: Recipe) -> FluxConfig:
@@ -189,7 +206,7 @@ def train_autoencoder(recipe: Recipe, device: str, seed: int, log) -> AutoEncode
             group["lr"] = lr_at(step, total, 100, recipe.ae_lr)
         small = step < recipe.ae_steps
         size, batch = (recipe.ae_size, recipe.ae_batch) if small else (recipe.size, recipe.ae_full_batch)
-        x = make_batch(training_seeds(generator, batch), SceneConfig(size=size))[0].to(device)
+        x = make_batch(training_seeds(generator, batch), scene_config(recipe, size))[0].to(device)
         mean = ae.encoder(x).chunk(2, dim=1)[0]  # (B, 16, h, w)
         loss = (ae.decoder(mean) - x).pow(2).mean() + 1e-4 * mean.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -201,19 +218,17 @@ def train_autoencoder(recipe: Recipe, device: str, seed: int, log) -> AutoEncode
 
 
 @torch.no_grad()
-def encode_scenes(ae: AutoEncoder, seeds: list[int], size: int, device: str) -> torch.Tensor:
+def encode_scenes(ae: AutoEncoder, seeds: list[int], config: SceneConfig, device: str) -> torch.Tensor:
     """Scaled latents (S, 16, size/8, size/8) of the scenes of `seeds`, in batches of 32."""
-    chunks = [
-        ae.encode(make_batch(seeds[i : i + 32], SceneConfig(size=size))[0].to(device)) for i in range(0, len(seeds), 32)
-    ]
+    chunks = [ae.encode(make_batch(seeds[i : i + 32], config)[0].to(device)) for i in range(0, len(seeds), 32)]
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def reconstruction_check(ae: AutoEncoder, size: int, path: Path, device: str) -> float:
+def reconstruction_check(ae: AutoEncoder, config: SceneConfig, path: Path, device: str) -> float:
     """MSE of 32 held-out scenes at full size (pixels in [-1, 1]); eight originals above their reconstructions saved
     to `path`."""
-    x = make_batch(held_out_seeds(32), SceneConfig(size=size))[0].to(device)
+    x = make_batch(held_out_seeds(32), config)[0].to(device)
     rec = ae.decode(ae.encode(x)).clamp(-1, 1)
     rows = torch.cat([x[:8], rec[:8]], dim=2)  # (8, 3, 2H, W)
     Image.fromarray(((rearrange(rows, "B C H W -> H (B W) C") + 1) * 127.5).round().byte().cpu().numpy()).save(path)
@@ -277,16 +292,26 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
     tok = train_tokenizer(out / "tokenizer_2", seed)
     if reuse is not None:  # the autoencoder files are copied at the end: only its latents are needed here
         cache = torch.load(reuse / "latents.pt")
+        if cache.get("world", "full") != recipe.world:
+            raise ValueError(
+                f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
+                f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
+            )
     else:
         ae = train_autoencoder(recipe, device, seed, log)
-        raw = encode_scenes(ae, list(range(recipe.scenes)), recipe.size, device)  # scale 1, shift 0 so far
+        raw = encode_scenes(ae, list(range(recipe.scenes)), scene_config(recipe), device)  # scale 1, shift 0 so far
         shift, scale = raw.mean().item(), 1.0 / raw.std().item()
         trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
         ae.load_state_dict(trained.state_dict(), strict=True)
-        log({"stage": "ae", "held_out_mse": reconstruction_check(ae, recipe.size, out / "ae_samples.png", device)})
-        cache = {"train": scale * (raw - shift)}
+        log(
+            {
+                "stage": "ae",
+                "held_out_mse": reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device),
+            }
+        )
+        cache = {"world": recipe.world, "train": scale * (raw - shift)}
         held = held_out_seeds(recipe.eval_scenes)
-        cache["held_out"] = encode_scenes(ae, held, recipe.size, device)
+        cache["held_out"] = encode_scenes(ae, held, scene_config(recipe), device)
         torch.save(cache, out / "latents.pt")
         save_file(ae.state_dict(), out / "ae.safetensors")
         (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
@@ -308,11 +333,11 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 2)
-    caption_config = SceneConfig(
-        background_phrase=recipe.background_phrase, colourless=recipe.colourless, positions=recipe.positions
+    caption_config = scene_config(
+        recipe, background_phrase=recipe.background_phrase, colourless=recipe.colourless, positions=recipe.positions
     )
-    meta = [make_scene(s, SceneConfig(size=recipe.size)) for s in range(recipe.scenes)]  # shapes, places, background
-    held_scenes = [make_scene(s, SceneConfig(size=recipe.size)) for s in held_out_seeds(recipe.eval_scenes)]
+    meta = [make_scene(s, scene_config(recipe)) for s in range(recipe.scenes)]  # shapes, places, background
+    held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
     held_captions = [s.caption for s in held_scenes]
     B = recipe.batch
     probe = probe_batch(cache["held_out"][:32].to(device), held_captions[:32], seed)
@@ -332,6 +357,7 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
                         held_scenes[i : i + 50],
                         held_captions[i : i + 50],
                         recipe.max_length,
+                        world=recipe.world,
                     )
                     for k, v in part.items():
                         scores[k] = scores.get(k, 0.0) + v * len(held_scenes[i : i + 50]) / recipe.eval_scenes

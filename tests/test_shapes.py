@@ -13,6 +13,7 @@ from shapes.scenes import (
     COLOURS,
     HELD_OUT_SEED_START,
     SHAPES,
+    WORLDS,
     SceneConfig,
     held_out_seeds,
     make_batch,
@@ -48,6 +49,27 @@ def test_masks_are_exactly_the_painted_pixels(seed):
     assert np.array_equal(scene.masks[scene.background], ~union)
     for word in scene.masks:
         assert word in SHAPES or word in COLOURS or word in BACKGROUNDS or word == "background"
+
+
+def test_worlds_restrict_the_vocabulary_and_keep_exact_masks():
+    simple = SceneConfig(**WORLDS["simple"])
+    seen = set()
+    for seed in range(60):
+        scene = make_scene(seed, simple)
+        for colour, kind in scene.shapes:
+            assert kind in simple.shapes and colour in simple.colours
+            painted = np.all(scene.image == np.array(COLOURS[colour], dtype=np.uint8), axis=-1)
+            assert np.array_equal(scene.masks[kind], painted)
+            seen |= {kind, colour}
+        assert scene.background in simple.backgrounds
+    assert seen == set(simple.shapes) | set(simple.colours)  # every word of the world is drawn
+    # the full world is the default, draw for draw
+    full = SceneConfig(**WORLDS["full"])
+    assert all(np.array_equal(make_scene(s, full).image, make_scene(s).image) for s in range(5))
+    with pytest.raises(ValueError, match="shapes must be distinct words"):
+        SceneConfig(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="need as many shapes and colours"):
+        SceneConfig(colours=("red", "blue"))
 
 
 def test_shape_areas_match_geometry():
@@ -91,6 +113,29 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     for name in ("flux", "t5", "ae"):
         assert (tmp_path / f"{name}.safetensors").is_file() and (tmp_path / f"{name}_config.json").is_file()
     assert (tmp_path / "tokenizer_2" / "spiece.model").is_file()
+
+
+def test_simple_world_and_an_encoder_that_does_not_mix_words(tmp_path):
+    from dataclasses import replace
+
+    from shapes.eval import load
+    from shapes.train import Recipe, train
+
+    recipe = Recipe(
+        world="simple", t5_layers=0, size=32, scenes=32, ae_steps=10, ae_batch=4, ae_size=16, ae_full_steps=2,
+        hidden=32, heads=2, depth=1, single=1, t5_dim=32, steps=60, batch=8, lr=3e-3, warmup=5, eval_every=60,
+        eval_scenes=8,
+    )  # fmt: skip
+    train(recipe, tmp_path / "simple", "cpu", seed=0)
+    records = [json.loads(line) for line in (tmp_path / "simple" / "log.jsonl").read_text().splitlines()]
+    probes = [r["probe_loss"] for r in records if r["stage"] == "eval"]
+    assert probes[-1] < probes[0]
+    assert torch.load(tmp_path / "simple" / "latents.pt")["world"] == "simple"
+    _, t5, *_ = load(tmp_path / "simple")  # strict loading of a T5 without blocks
+    assert t5.config.num_layers == 0 and len(t5.encoder.block) == 0
+    # cached latents of one world are refused for another
+    with pytest.raises(ValueError, match="'simple' world"):
+        train(replace(recipe, world="full"), tmp_path / "full", "cpu", seed=0, reuse=tmp_path / "simple")
 
 
 def test_alignment_score_known_values():
