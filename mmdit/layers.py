@@ -196,6 +196,7 @@ class DoubleStreamBlock(nn.Module):
         target: str = "concepts+image",
         spaces: tuple[str, ...] = (),
         normalize: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, ConceptSaliency | None]:
         """img (B, N, hidden), txt (B, T, hidden), vec (B, hidden), pe (B, 1, T+N, D/2, 2, 2) for [txt; img].
 
@@ -212,7 +213,7 @@ class DoubleStreamBlock(nn.Module):
         q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)  # (B, H, T+N, D)
         k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
         v = torch.cat((txt_v, img_v), dim=2)
-        a = attention(q, k, v, manual=self.manual_attention)  # (B, T+N, H*D)
+        a = attention(q, k, v, manual=self.manual_attention, mask=attention_mask)  # (B, T+N, H*D)
         txt_a, img_a = a[:, :T], a[:, T:]
 
         img_out = post_attention(img, img_a, img_mod1, img_mod2, self.img_attn, self.img_mlp)
@@ -248,15 +249,15 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        """x (B, T+N, hidden), vec (B, hidden), pe (B, 1, T+N, D/2, 2, 2)."""
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """x (B, T+N, hidden), vec (B, hidden), pe (B, 1, T+N, D/2, 2, 2), attention_mask (B, 1, T+N, T+N) or None."""
         mod, _ = self.modulation(vec)
         qkv, mlp_in = torch.split(
             self.linear1(modulate(x, mod.shift, mod.scale)), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
         )
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        a = attention(apply_rope(q, pe), apply_rope(k, pe), v, manual=self.manual_attention)  # (B, L, H*D)
+        a = attention(apply_rope(q, pe), apply_rope(k, pe), v, self.manual_attention, attention_mask)  # (B, L, H*D)
         out = self.linear2(torch.cat((a, F.gelu(mlp_in, approximate="tanh")), dim=-1))
         return x + mod.gate * out
 

@@ -56,16 +56,20 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return rearrange(out, "B H L P two -> B H L (P two)").to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, manual: bool = False) -> Tensor:
-    """Softmax attention of rotated q, k (B, H, L, D) over v; returns (B, L, H*D). Scale 1/sqrt(D), no mask.
+def attention(q: Tensor, k: Tensor, v: Tensor, manual: bool = False, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention of rotated q, k (B, H, L, D) over v; returns (B, L, H*D). Scale 1/sqrt(D).
 
-    `manual=True` writes the L x L weights out (readable, slow, memory L^2); the default calls SDPA.
+    `manual=True` writes the L x L weights out (readable, slow, memory L^2); the default calls SDPA. `mask` (B, 1, L, L)
+    bool, True where a query may attend to a key, is for training experiments (Flux itself never masks); every query
+    must keep at least one key.
     """
     if manual:
         scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         x = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, D)
     else:
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(x, "B H L D -> B L (H D)")
 
 

@@ -193,16 +193,27 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         concepts: ConceptInput | None = None,
         stop_after_double: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> Tensor | FluxOutput:
         """img (B, N, in_channels) packed latents, img_ids (B, N, 3), txt (B, T, context_in_dim), txt_ids (B, T, 3),
         timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) for flux-dev.
 
         Returns the velocity (B, N, out_channels), or a `FluxOutput` when `concepts` is given or
-        `stop_after_double` is True.
+        `stop_after_double` is True. `attention_mask` (B, T+N, T+N) bool, True where a token of [txt; img] may attend
+        to another, masks the joint attention of every block (a training device; Flux never masks; the concept rows
+        are not affected).
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, channels), got {tuple(img.shape)} and {tuple(txt.shape)}")
         T = txt.shape[1]
+        if attention_mask is not None:
+            L = T + img.shape[1]
+            if attention_mask.shape != (img.shape[0], L, L) or attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"attention_mask must be bool (B, T+N, T+N) = ({img.shape[0]}, {L}, {L}), got "
+                    f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask[:, None]  # (B, 1, L, L), one mask for every head
 
         # conditioning vector, shared by every block: time [+ guidance] + pooled text
         t_vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))  # (B, hidden)
@@ -223,12 +234,13 @@ class Flux(nn.Module):
         saliency: dict[int, ConceptSaliency] = {}
         for i, block in enumerate(self.double_blocks):
             if i > last:
-                img, txt = block(img, txt, vec, pe)
+                img, txt = block(img, txt, vec, pe, attention_mask=attention_mask)
                 continue
             spaces = concepts.spaces if concepts.layers is None or i in concepts.layers else ()
             img, txt, c, s = block(
-                img, txt, vec, pe, c, concept_vec, concept_pe, concepts.target, spaces, concepts.normalize
-            )
+                img, txt, vec, pe, c, concept_vec, concept_pe, concepts.target, spaces, concepts.normalize,
+                attention_mask=attention_mask,
+            )  # fmt: skip
             if s is not None:
                 saliency[i] = s
         if stop_after_double:
@@ -236,7 +248,7 @@ class Flux(nn.Module):
 
         x = torch.cat((txt, img), dim=1)  # (B, T+N, hidden)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = block(x, vec, pe, attention_mask)
         velocity = self.final_layer(x[:, T:], vec)  # (B, N, out_channels)
         return velocity if concepts is None else FluxOutput(velocity, saliency)
 

@@ -78,6 +78,7 @@ class Recipe:
     warmup: int = 200
     t_sampler: str = "logit_normal"  # logit_normal | uniform
     t_mean: float = 1.0  # location of the logit-normal: > 0 trains more at high noise, where the caption decides
+    isolate: float = 0.0  # share of training samples whose image tokens attend only to themselves and the text
     eval_every: int = 500
     eval_scenes: int = 100
 
@@ -90,6 +91,8 @@ class Recipe:
             raise ValueError(f"hidden / heads must be a multiple of 8 (RoPE axes), got {self.hidden} / {self.heads}")
         if self.world not in WORLDS:
             raise ValueError(f"world must be one of {sorted(WORLDS)}, got {self.world!r}")
+        if not 0.0 <= self.isolate <= 1.0:
+            raise ValueError(f"isolate is a share of the samples, got {self.isolate}")
         if self.t_sampler not in ("logit_normal", "uniform"):
             raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
 
@@ -242,6 +245,20 @@ def sample_t(generator: torch.Generator, batch: int, sampler: str, mean: float) 
     return torch.sigmoid(mean + torch.randn(batch, generator=generator))
 
 
+def isolation_mask(batch: int, text: int, image: int, share: float, generator: torch.Generator) -> Tensor | None:
+    """Joint-attention masks (B, T+N, T+N) for a batch: in a random `share` of the samples no image token may attend
+    to another image token (only to itself and the text), so the text tokens become the image tokens' only channel to
+    each other (the research log's r10); None when `share` is 0."""
+    if share == 0:
+        return None
+    L = text + image
+    is_image = torch.arange(L) >= text
+    image_pairs = is_image[:, None] & is_image[None, :] & ~torch.eye(L, dtype=torch.bool)  # (L, L)
+    mask = torch.ones(batch, L, L, dtype=torch.bool)
+    mask[torch.rand(batch, generator=generator) < share] = ~image_pairs
+    return mask
+
+
 def velocity_loss(
     flux: Flux,
     t5: T5Encoder,
@@ -251,6 +268,7 @@ def velocity_loss(
     noise: Tensor,
     t: Tensor,
     max_length: int,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Rectified flow: x_t = t * noise + (1 - t) * z; the velocity should be noise - z. The pooled vector is zero."""
     B, _, h, w = z.shape
@@ -264,6 +282,7 @@ def velocity_loss(
         ids_txt,
         t,
         torch.zeros(B, flux.config.vec_in_dim, device=z.device),
+        attention_mask=attention_mask,
     )
     return (v - pack(noise - z)).pow(2).mean()
 
@@ -380,7 +399,9 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
         z = latents[index]
         noise = torch.randn(z.shape, generator=generator).to(device)
         t = sample_t(generator, B, recipe.t_sampler, recipe.t_mean).to(device)
-        loss = velocity_loss(flux, t5, tok, z, captions, noise, t, recipe.max_length)
+        mask = isolation_mask(B, recipe.max_length, z.shape[2] * z.shape[3] // 4, recipe.isolate, generator)
+        mask = None if mask is None else mask.to(device)
+        loss = velocity_loss(flux, t5, tok, z, captions, noise, t, recipe.max_length, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

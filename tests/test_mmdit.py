@@ -315,6 +315,30 @@ def test_block_saliency_matches_direct_computation(target, normalize):
             img, txt, c = got
 
 
+@pytest.mark.parametrize("manual_attention", [False, True])
+def test_attention_mask_hides_a_text_token_as_if_it_were_absent(manual_attention):
+    # A text token no query may attend to cannot influence anything; with text ids all zero, the image then comes out
+    # as if that token had never been in the prompt. Independent of the mask code: the reference drops the token.
+    config = dataclasses.replace(CONFIGS["tiny"], manual_attention=manual_attention)
+    model, x = random_flux(config), random_inputs(config)
+    T, N, j = x["txt"].shape[1], x["img"].shape[1], 3
+    keep = [i for i in range(T) if i != j]
+    mask = torch.ones(2, T + N, T + N, dtype=torch.bool)
+    mask[:, :, j] = False
+    with torch.no_grad():
+        masked = model(**x, attention_mask=mask)
+        dropped = model(**{**x, "txt": x["txt"][:, keep], "txt_ids": x["txt_ids"][:, keep]})
+        everything = model(**x, attention_mask=torch.ones(2, T + N, T + N, dtype=torch.bool))
+        plain = model(**x)
+    error = (masked - dropped).abs().max().item()
+    print(f"masked token vs dropped token: max abs error {error:.2e} on outputs up to {dropped.abs().max():.1f}")
+    assert error < 1e-4  # float32 round-off on outputs of size ~20 (the diffusers comparison's tolerance)
+    assert (masked - plain).abs().max() > 1e-2  # the token mattered, so the comparison tests something
+    assert torch.allclose(everything, plain, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_mask must be bool"):
+        model(**x, attention_mask=mask[:, :-1])
+
+
 def test_stop_after_double_and_layers():
     config = CONFIGS["tiny"]
     model, x = random_flux(config), random_inputs(config)

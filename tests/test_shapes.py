@@ -122,9 +122,9 @@ def test_simple_world_and_an_encoder_that_does_not_mix_words(tmp_path):
     from shapes.train import Recipe, train
 
     recipe = Recipe(
-        world="simple", t5_layers=0, size=32, scenes=32, ae_steps=10, ae_batch=4, ae_size=16, ae_full_steps=2,
-        hidden=32, heads=2, depth=1, single=1, t5_dim=32, steps=60, batch=8, lr=3e-3, warmup=5, eval_every=60,
-        eval_scenes=8,
+        world="simple", t5_layers=0, isolate=0.5, size=32, scenes=32, ae_steps=10, ae_batch=4, ae_size=16,
+        ae_full_steps=2, hidden=32, heads=2, depth=1, single=1, t5_dim=32, steps=60, batch=8, lr=3e-3, warmup=5,
+        eval_every=60, eval_scenes=8,
     )  # fmt: skip
     train(recipe, tmp_path / "simple", "cpu", seed=0)
     records = [json.loads(line) for line in (tmp_path / "simple" / "log.jsonl").read_text().splitlines()]
@@ -136,6 +136,19 @@ def test_simple_world_and_an_encoder_that_does_not_mix_words(tmp_path):
     # cached latents of one world are refused for another
     with pytest.raises(ValueError, match="'simple' world"):
         train(replace(recipe, world="full"), tmp_path / "full", "cpu", seed=0, reuse=tmp_path / "simple")
+
+
+def test_isolation_mask_cuts_exactly_the_image_to_image_pairs():
+    from shapes.train import isolation_mask
+
+    assert isolation_mask(4, 3, 5, 0.0, torch.Generator()) is None
+    mask = isolation_mask(64, 3, 5, 0.5, torch.Generator().manual_seed(0))
+    isolated = ~mask.all(dim=(1, 2))
+    assert 16 < isolated.sum() < 48  # about half the samples
+    assert mask[~isolated].all()
+    for m in mask[isolated]:
+        assert m[:, :3].all() and m[:3].all()  # every token still sees the text, the text sees everything
+        assert torch.equal(m[3:, 3:], torch.eye(5, dtype=torch.bool))  # image tokens see only themselves
 
 
 def test_alignment_score_known_values():
