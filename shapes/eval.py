@@ -18,6 +18,12 @@ Two kinds of concept tokens are measured:
 
 `budget/*` says where the concept queries' attention goes (`attention_budget`): how much of it is on the image, how
 uniform it is there, and how much more of it lands on the named shape than a uniform map would put there.
+`routing/*` (`routing_diagnostics`) says it per double block: the AUROC with which each head's concept attention ranks
+the named shape's tokens above the others, the share of the concept -> image logits that is one positional pattern
+shared by every scene, lift and entropy, and the output-space mIoU of the block alone.
+
+`isolate=True` evaluates with the image tokens isolated from each other (each attends only to itself and the text),
+the regime of a model trained with `--isolate 1.0`.
 """
 
 import argparse
@@ -53,6 +59,20 @@ def world_concepts(world: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The shape concepts and the colour concepts of a scene world (`shapes.scenes.WORLDS`), each with "background"."""
     config = SceneConfig(**WORLDS[world])
     return (*config.shapes, "background"), (*config.colours, "background")
+
+
+def isolation_mask(batch: int, text: int, image: int, share: float, generator: torch.Generator) -> Tensor | None:
+    """Joint-attention masks (B, T+N, T+N) for a batch: in a random `share` of the samples no image token may attend
+    to another image token (only to itself and the text), so the text tokens become the image tokens' only channel to
+    each other (the research log's r10); None when `share` is 0."""
+    if share == 0:
+        return None
+    L = text + image
+    is_image = torch.arange(L) >= text
+    image_pairs = is_image[:, None] & is_image[None, :] & ~torch.eye(L, dtype=torch.bool)  # (L, L)
+    mask = torch.ones(batch, L, L, dtype=torch.bool)
+    mask[torch.rand(batch, generator=generator) < share] = ~image_pairs
+    return mask
 
 
 def noised(latents: Tensor, t: float, seed: int) -> Tensor:
@@ -117,6 +137,56 @@ def attention_budget(
     }
 
 
+def auroc(scores: Tensor, labels: Tensor) -> Tensor:
+    """Area under the ROC curve of scores (..., N) for bool labels (N,): P(positive > negative), ties counted half."""
+    pos, neg = scores[..., labels], scores[..., ~labels]
+    greater = (pos[..., :, None] > neg[..., None, :]).float().mean((-2, -1))
+    ties = (pos[..., :, None] == neg[..., None, :]).float().mean((-2, -1))
+    return greater + 0.5 * ties
+
+
+def routing_diagnostics(
+    sal: dict[int, object], scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...], words: list[list[str]]
+) -> dict[str, float]:
+    """Per double block l, from the concept rows' attention weights over the image (`sal[l].attention`, sal: block ->
+    its saliency):
+    - `routing/auroc/b{l}/h{k}` (and the head mean `routing/auroc/b{l}`, the best head `routing/auroc/max`): how well
+      the concept attention ranks the named shape's tokens (mask average-pooled to the token grid, > 0.5) above the
+      other tokens, averaged over the shapes present; 0.5 = no preference, 1 = perfect;
+    - `routing/positional/b{l}`: the variance over tokens of the per-token mean (across this batch's scenes) of the
+      row-centred concept -> image logits, over their total variance, averaged over heads and concepts: the share
+      that is one fixed positional pattern (an estimate from one batch; noise adds about 1 / batch);
+    - `routing/lift/b{l}`, `routing/entropy/b{l}`: `attention_budget` of the block alone;
+    - `routing/output/b{l}`: mIoU of the output space with softmax of the block alone."""
+    results: dict[str, float] = {}
+    pooled = {}
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(concepts):
+            if word in SHAPES and word in scene.masks:
+                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
+                if 0 < (area > 0.5).sum() < area.numel():
+                    pooled[(b, c)] = area > 0.5
+    best = 0.0
+    for l, s in sorted(sal.items()):
+        weights = s.attention.float()  # (B, H, C, N)
+        logits = weights.clamp_min(1e-30).log()
+        logits = logits - logits.mean(-1, keepdim=True)  # row-centred: the logits up to the softmax's constant
+        per_token = logits.mean(0)  # (H, C, N)
+        share = per_token.pow(2).mean(-1) / logits.pow(2).mean((0, -1)).clamp_min(1e-12)  # (H, C)
+        results[f"routing/positional/b{l}"] = share.mean().item()
+        areas = torch.stack([auroc(logits[b, :, c].cpu(), lab) for (b, c), lab in pooled.items()]).mean(0)  # (H,)
+        for k, value in enumerate(areas.tolist()):
+            results[f"routing/auroc/b{l}/h{k}"] = value
+        results[f"routing/auroc/b{l}"] = areas.mean().item()
+        best = max(best, areas.max().item())
+        for key, value in attention_budget([s], scenes, h, w, concepts).items():
+            results[f"routing/{key.split('/')[1]}/b{l}"] = value
+        maps = s.output.float().softmax(1).reshape(len(scenes), -1, h, w)
+        results[f"routing/output/b{l}"] = score(maps, scenes, words)["miou"]
+    results["routing/auroc/max"] = best
+    return results
+
+
 def evaluate(
     flux: Flux,
     t5: T5Encoder,
@@ -129,9 +199,10 @@ def evaluate(
     seed: int = 0,
     layers: tuple[int, ...] | None = None,
     world: str = "full",
+    isolate: bool = False,
 ) -> dict[str, float]:
     """Alignment scores of `flux` on scenes with clean latents (B, 16, H/8, W/8); see the module docstring. The
-    concepts are the shape (and colour) words of the scenes' `world`."""
+    concepts are the shape (and colour) words of the scenes' `world`; `isolate` masks image -> image attention."""
     device = latents.device
     B, _, h2, w2 = latents.shape
     size = scenes[0].image.shape[0]
@@ -141,7 +212,17 @@ def evaluate(
     txt = t5(tok(captions, max_length).to(device))  # (B, T, d)
     timesteps = torch.full((B,), t, device=device)
     y = torch.zeros(B, flux.config.vec_in_dim, device=device)  # the pooled vector is zero in this model
-    common = dict(img=img, img_ids=ids, txt=txt, txt_ids=text_ids(B, max_length, device), timesteps=timesteps, y=y)
+    mask = isolation_mask(B, max_length, h * w, 1.0, torch.Generator()) if isolate else None
+    mask = None if mask is None else mask.to(device)
+    common = dict(
+        img=img,
+        img_ids=ids,
+        txt=txt,
+        txt_ids=text_ids(B, max_length, device),
+        timesteps=timesteps,
+        y=y,
+        attention_mask=mask,
+    )
     results: dict[str, float] = {}
 
     # concepts encoded alone
@@ -149,7 +230,8 @@ def evaluate(
     alone = encode_alone(t5, tok, list(concepts), max_length)[None].expand(B, -1, -1)  # (B, C, d)
     spaces = ("output", "attention", "cross_attention")
     out = flux(**common, concepts=ConceptInput(alone, spaces=spaces, layers=layers), stop_after_double=True)
-    sal = [out.saliency[i] for i in sorted(out.saliency)]
+    by_block = dict(out.saliency)
+    sal = [by_block[i] for i in sorted(by_block)]
     words = [list(concepts)] * B
     maps = {
         "output_softmax": layer_mean([s.output for s in sal], softmax_dim=1),  # (B, C, N)
@@ -170,6 +252,7 @@ def evaluate(
         for key, value in score(m.reshape(B, -1, h, w), scenes, words).items():
             results[f"alone/{name}/{key}"] = value
     results.update(attention_budget(sal, scenes, h, w, concepts))
+    results.update(routing_diagnostics(by_block, scenes, h, w, concepts, words))
 
     # the caption itself as the concept stream (an exact copy of the text stream)
     out = flux(

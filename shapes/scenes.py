@@ -32,10 +32,13 @@ COLOURS = {
 }
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 HELD_OUT_SEED_START = 1_000_000_000  # training never draws seeds at or above this
-# Scene vocabularies by name (SceneConfig fields). "simple" is the research log's r9 world (shapes/MODEL_CARD.md).
-WORLDS: dict[str, dict[str, tuple[str, ...]]] = {
+# Scene worlds by name (SceneConfig fields). "simple" is the research log's r9 world; "shaded" is "simple" with larger
+# shapes, each painted in a shade of its colour that no caption names (shapes/MODEL_CARD.md, third round).
+_SIMPLE = {"shapes": SHAPES[:3], "colours": ("red", "green", "blue"), "backgrounds": ("black",)}
+WORLDS: dict[str, dict] = {
     "full": {},
-    "simple": {"shapes": SHAPES[:3], "colours": ("red", "green", "blue"), "backgrounds": ("black",)},
+    "simple": _SIMPLE,
+    "shaded": {**_SIMPLE, "min_radius": 0.20, "max_radius": 0.30, "shade": (0.6, 1.15)},
 }
 
 
@@ -52,6 +55,7 @@ class SceneConfig:
     shapes: tuple[str, ...] = SHAPES  # the world's vocabulary (see WORLDS); a seed's draws depend only on the sizes
     colours: tuple[str, ...] = tuple(COLOURS)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    shade: tuple[float, float] = (1.0, 1.0)  # each shape's colour times a factor drawn uniformly from this range
 
     def __post_init__(self):
         if self.size < 16:
@@ -66,6 +70,8 @@ class SceneConfig:
                 raise ValueError(f"{name} must be distinct words from {known}, got {words}")
         if min(len(self.shapes), len(self.colours)) < self.max_shapes:
             raise ValueError(f"{self.max_shapes} shapes of distinct kinds and colours need as many shapes and colours")
+        if not 0.0 < self.shade[0] <= self.shade[1] <= 1.5:
+            raise ValueError(f"shade must be a range (low, high) with 0 < low <= high <= 1.5, got {self.shade}")
         for name in ("background_phrase", "single_word", "colourless", "positions"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
@@ -176,8 +182,10 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     image = np.clip(np.asarray(BACKGROUNDS[background], dtype=np.float64) * ramp[..., None], 0, 255)
     masks: dict[str, np.ndarray] = {}
     foreground = np.zeros((size, size), dtype=bool)
-    for colour, kind, mask in placed:
-        image[mask] = COLOURS[colour]
+    # shades come from their own generator, so a world without them draws exactly the same scenes
+    shades = np.random.default_rng([seed, 1]).uniform(*config.shade, size=len(placed))
+    for (colour, kind, mask), shade in zip(placed, shades, strict=True):
+        image[mask] = np.minimum(255.0, np.asarray(COLOURS[colour], dtype=np.float64) * shade)
         masks[kind] = mask
         masks[colour] = mask
         foreground |= mask

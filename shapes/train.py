@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,14 @@ import sentencepiece
 import torch
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from autoencoder import AutoEncoder, AutoEncoderConfig
 from mmdit import Flux, FluxConfig
 from sampling import image_ids, pack, text_ids
 from shapes import eval as alignment
+from shapes.eval import isolation_mask
 from shapes.scenes import (
     WORLDS,
     SceneConfig,
@@ -79,6 +81,10 @@ class Recipe:
     t_sampler: str = "logit_normal"  # logit_normal | uniform
     t_mean: float = 1.0  # location of the logit-normal: > 0 trains more at high noise, where the caption decides
     isolate: float = 0.0  # share of training samples whose image tokens attend only to themselves and the text
+    isolate_anneal: float = 0.0  # if > 0: the share falls linearly from `isolate` to 0 over this fraction of the steps
+    eval_isolated: bool = False  # evaluate with image tokens isolated (the regime of a model trained with isolate 1)
+    sample_steps: int = 20  # the model's own sampling defaults (Euler steps, shifted schedule or not), used by
+    sample_shift: bool = False  # `generate --model` when the user does not set them
     eval_every: int = 500
     eval_scenes: int = 100
 
@@ -93,6 +99,10 @@ class Recipe:
             raise ValueError(f"world must be one of {sorted(WORLDS)}, got {self.world!r}")
         if not 0.0 <= self.isolate <= 1.0:
             raise ValueError(f"isolate is a share of the samples, got {self.isolate}")
+        if not 0.0 <= self.isolate_anneal <= 1.0:
+            raise ValueError(f"isolate_anneal is a fraction of the steps, got {self.isolate_anneal}")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
         if self.t_sampler not in ("logit_normal", "uniform"):
             raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
 
@@ -245,18 +255,11 @@ def sample_t(generator: torch.Generator, batch: int, sampler: str, mean: float) 
     return torch.sigmoid(mean + torch.randn(batch, generator=generator))
 
 
-def isolation_mask(batch: int, text: int, image: int, share: float, generator: torch.Generator) -> Tensor | None:
-    """Joint-attention masks (B, T+N, T+N) for a batch: in a random `share` of the samples no image token may attend
-    to another image token (only to itself and the text), so the text tokens become the image tokens' only channel to
-    each other (the research log's r10); None when `share` is 0."""
-    if share == 0:
-        return None
-    L = text + image
-    is_image = torch.arange(L) >= text
-    image_pairs = is_image[:, None] & is_image[None, :] & ~torch.eye(L, dtype=torch.bool)  # (L, L)
-    mask = torch.ones(batch, L, L, dtype=torch.bool)
-    mask[torch.rand(batch, generator=generator) < share] = ~image_pairs
-    return mask
+def isolate_share(recipe: Recipe, step: int) -> float:
+    """The share of isolated samples at `step`: `isolate`, or with `isolate_anneal` a linear fall to 0."""
+    if recipe.isolate_anneal == 0:
+        return recipe.isolate
+    return recipe.isolate * max(0.0, 1.0 - step / (recipe.isolate_anneal * recipe.steps))
 
 
 def velocity_loss(
@@ -295,8 +298,24 @@ def probe_batch(z: Tensor, captions: list[str], seed: int) -> dict[str, tuple]:
     return {"probe_loss": (z, captions, noise, t), "probe_loss_shuffled": (z, captions[1:] + captions[:1], noise, t)}
 
 
-def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None = None) -> None:
+def train(
+    recipe: Recipe,
+    out: Path,
+    device: str,
+    seed: int,
+    reuse: Path | None = None,
+    minutes: float | None = None,
+    resume: bool = False,
+    checkpoint_seconds: float = 60.0,
+) -> None:
+    """Train into `out`. `minutes` bounds the transformer phase (it then evaluates and saves as if its steps were
+    done); a checkpoint goes to out/checkpoint every `checkpoint_seconds` and at the end, and `resume` continues from
+    it (the recipe, seed and autoencoder must be the run's own); every evaluation's weights go to out/steps/NNNNNN."""
     out.mkdir(parents=True, exist_ok=True)
+    if resume and reuse is None:
+        reuse = out  # the run trained its own autoencoder: its cached latents are in the run's folder
+    else:
+        (out / "run.json").write_text(json.dumps({"seed": seed, "ae": reuse and str(reuse)}) + "\n")
     log_file = (out / "log.jsonl").open("a")
     start = time.time()
 
@@ -352,6 +371,10 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 2)
+    first = 0
+    if resume:
+        first = load_checkpoint(out / "checkpoint", flux, t5, optimizer, generator, rng, device)
+        log({"stage": "resume", "step": first})
     caption_config = scene_config(
         recipe, background_phrase=recipe.background_phrase, colourless=recipe.colourless, positions=recipe.positions
     )
@@ -360,8 +383,12 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
     held_captions = [s.caption for s in held_scenes]
     B = recipe.batch
     probe = probe_batch(cache["held_out"][:32].to(device), held_captions[:32], seed)
-    for step in range(recipe.steps + 1):
-        if step % recipe.eval_every == 0 or step == recipe.steps:
+    deadline = math.inf if minutes is None else time.time() + 60 * minutes
+    last_checkpoint = time.time()
+    step = first
+    while True:
+        out_of_time = time.time() > deadline
+        if step % recipe.eval_every == 0 or step == recipe.steps or out_of_time:
             flux.eval()
             with torch.no_grad():
                 scores = {
@@ -377,12 +404,14 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
                         held_captions[i : i + 50],
                         recipe.max_length,
                         world=recipe.world,
+                        isolate=recipe.eval_isolated,
                     )
                     for k, v in part.items():
                         scores[k] = scores.get(k, 0.0) + v * len(held_scenes[i : i + 50]) / recipe.eval_scenes
             log({"stage": "eval", "step": step, **{k: round(v, 4) for k, v in scores.items()}})
+            save_weights(out / "steps" / f"{step:06d}", flux, t5, recipe, seed)  # for the dose-response tables
             flux.train()
-        if step == recipe.steps:
+        if step == recipe.steps or out_of_time:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe.steps, recipe.warmup, recipe.lr)
@@ -399,41 +428,127 @@ def train(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None 
         z = latents[index]
         noise = torch.randn(z.shape, generator=generator).to(device)
         t = sample_t(generator, B, recipe.t_sampler, recipe.t_mean).to(device)
-        mask = isolation_mask(B, recipe.max_length, z.shape[2] * z.shape[3] // 4, recipe.isolate, generator)
+        share = isolate_share(recipe, step)
+        mask = isolation_mask(B, recipe.max_length, z.shape[2] * z.shape[3] // 4, share, generator)
         mask = None if mask is None else mask.to(device)
         loss = velocity_loss(flux, t5, tok, z, captions, noise, t, recipe.max_length, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        step += 1
         if step % 100 == 0:
-            log({"stage": "flux", "step": step, "loss": round(loss.item(), 5)})
+            log({"stage": "flux", "step": step, "loss": round(loss.item(), 5), "isolate": round(share, 4)})
+        if time.time() - last_checkpoint > checkpoint_seconds:
+            save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, rng, recipe, seed)
+            last_checkpoint = time.time()
 
-    save_file(flux.state_dict(), out / "flux.safetensors")
-    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, out / "t5.safetensors")
-    for name, config in (("flux", flux.config), ("t5", t5.config)):
-        (out / f"{name}_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    if reuse is not None:
+    save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, rng, recipe, seed)
+    save_weights(out, flux, t5, recipe, seed)
+    if reuse is not None and reuse.resolve() != out.resolve():
         for name in ("ae.safetensors", "ae_config.json"):
             (out / name).write_bytes((reuse / name).read_bytes())
-    (out / "recipe.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(recipe)}, indent=2) + "\n")
-    log({"stage": "done", "time_total": round(time.time() - start, 1)})
+    log({"stage": "done", "step": step, "time_total": round(time.time() - start, 1)})
+
+
+def save_weights(folder: Path, flux: Flux, t5: T5Encoder, recipe: Recipe, seed: int) -> None:
+    """The transformer and text encoder with their configs and the recipe (a model folder, with the autoencoder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(flux.state_dict(), folder / "flux.safetensors")
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, folder / "t5.safetensors")
+    for name, config in (("flux", flux.config), ("t5", t5.config)):
+        (folder / f"{name}_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    (folder / "recipe.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(recipe)}, indent=2) + "\n")
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    flux: Flux,
+    t5: T5Encoder,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    rng: np.random.Generator,
+    recipe: Recipe,
+    seed: int,
+) -> None:
+    """Weights, optimizer and random states after `step` steps, written beside `folder` and then moved into place, so
+    a run killed at any moment leaves either the previous checkpoint or this one, whole."""
+    partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_weights(partial, flux, t5, recipe, seed)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "rng": rng.bit_generator.state,
+    }
+    torch.save(state, partial / "state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    folder: Path,
+    flux: Flux,
+    t5: T5Encoder,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    rng: np.random.Generator,
+    device: str,
+) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step to continue from."""
+    if not (folder / "state.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {folder / 'state.pt'} is missing")
+    flux.load_state_dict(load_file(folder / "flux.safetensors", device=device), strict=True)
+    t5.load_state_dict(load_file(folder / "t5.safetensors", device=device), strict=True)
+    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    rng.bit_generator.state = state["rng"]
+    return state["step"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="the run's folder (weights, log, checkpoints)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--ae", type=Path, default=None, help="reuse the autoencoder and cached latents of a run")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the transformer phase")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its own recipe)")
     for field in dataclasses.fields(Recipe):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        kind = type(field.default)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", type=parse_bool if kind is bool else kind, default=field.default
+        )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # one thread per process is fastest on a small shared CPU
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
-    train(recipe, args.out, args.device, args.seed, args.ae)
+    if args.resume is not None:
+        recipe_file = args.resume / "checkpoint" / "recipe.json"
+        if not recipe_file.is_file():
+            parser.error(f"--resume {args.resume}: {recipe_file} is missing (no checkpoint was written there)")
+        saved = json.loads(recipe_file.read_text())
+        run = json.loads((args.resume / "run.json").read_text())
+        args.out, args.seed, args.ae = args.resume, saved.pop("seed"), run["ae"] and Path(run["ae"])
+        recipe = Recipe(**saved)
+    elif args.out is None:
+        parser.error("give --out DIR (a new run) or --resume DIR (continue one)")
+    train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 if __name__ == "__main__":

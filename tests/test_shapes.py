@@ -139,7 +139,7 @@ def test_simple_world_and_an_encoder_that_does_not_mix_words(tmp_path):
 
 
 def test_isolation_mask_cuts_exactly_the_image_to_image_pairs():
-    from shapes.train import isolation_mask
+    from shapes.eval import isolation_mask
 
     assert isolation_mask(4, 3, 5, 0.0, torch.Generator()) is None
     mask = isolation_mask(64, 3, 5, 0.5, torch.Generator().manual_seed(0))
