@@ -4,7 +4,8 @@ colour map for saliency maps and captioned grids.
 Notable features:
 - no plotting library: the colour map is a piecewise-linear copy of the anchors of matplotlib's "inferno" (a public
   domain palette), so heatmaps look the same everywhere and matplotlib stays an optional extra;
-- `load_image` names the file and says what went wrong instead of a PIL traceback.
+- `load_image` decodes every mode Pillow reads into upright 8-bit RGB (EXIF orientation, 16-bit and float data scaled,
+  alpha composited over white) or refuses it in one line that names the file; a decompression bomb is refused too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 # Nine anchors of the "inferno" palette, from black through purple and orange to pale yellow.
@@ -33,16 +34,81 @@ _INFERNO = np.array(
 )
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file when it is missing or unreadable."""
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 million pixels)
+
+
+def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright, with errors that name the file.
+
+    EXIF orientation is applied (phone photos come out as they are shown); alpha is composited over `background`
+    (default white); 16-bit data is scaled by 255/65535 and float data in [0, 1] by 255; a multi-frame file gives its
+    first frame. Modes that cannot be mapped to RGB faithfully, float data outside [0, 1], integer data outside
+    0..65535 and images above Pillow's decompression-bomb limit are refused with a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err}); give a PNG, JPEG or WebP file") from err
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(
+                    f"{path} is {im.width} x {im.height} pixels, above the {MAX_PIXELS} pixel limit for images "
+                    "(a possible decompression bomb); resize it first"
+                )
+            im.load()
+            return to_rgb(ImageOps.exif_transpose(im), path, background)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: {err}; resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read {path} as an image ({err}); give a PNG, JPEG, TIFF or WebP file") from None
+
+
+def to_rgb(im: Image.Image, name: str | Path = "image", background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16-bit and float data scaled to 0..255, alpha composited over `background`."""
+    if im.mode in ("RGB", "L", "1", "P", "CMYK", "YCbCr") and "transparency" not in im.info:
+        return im.convert("RGB")
+    if im.mode.startswith(("I", "F")):  # one channel of 16- or 32-bit integers, or 32-bit floats
+        data = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+        if not np.isfinite(data).all():
+            raise ValueError(f"{name}: the {im.mode} image holds NaN or infinite values; save it as an 8-bit PNG")
+        if im.mode == "F":
+            if lo < 0 or hi > 1:
+                raise ValueError(
+                    f"{name}: float image with values in [{lo:g}, {hi:g}]; only [0, 1] is understood, "
+                    "save it scaled to [0, 1] or as an 8-bit PNG"
+                )
+            data = data * 255
+        elif im.mode.startswith("I;16") or hi > 255:  # 16-bit data (a 32-bit "I" above 255 is read as 16-bit)
+            if lo < 0 or hi > 65535:
+                raise ValueError(
+                    f"{name}: integer image with values in [{lo:g}, {hi:g}], outside 0..65535; save it as 8-bit"
+                )
+            data = data * (255 / 65535)
+        gray = Image.fromarray(np.round(data).astype(np.uint8))
+        return gray.convert("RGB")
+    try:
+        rgba = im.convert("RGBA")  # LA, PA, RGBa, La, P or RGB with a transparent colour, ...
+    except ValueError as err:
+        raise ValueError(f"{name}: images in mode {im.mode} are not supported ({err}); save it as RGB") from None
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def tensor_to_image(x: Tensor) -> Image.Image:
+    """A float tensor [3, H, W] with values in [0, 1] -> PIL RGB; values outside [0, 1] are refused, not clamped."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[0] != 3 or not x.is_floating_point():
+        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"image tensor of shape {shape}: give a float tensor [3, H, W] with values in [0, 1]")
+    x = x.detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise ValueError("the image tensor holds NaN or infinite values; give values in [0, 1]")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"image tensor values lie in [{lo:g}, {hi:g}]; the tensor input takes [0, 1] (from [-1, 1]: (x + 1) / 2)"
+        )
+    return to_pil(x * 2 - 1)
 
 
 def to_tensor(image: Image.Image) -> Tensor:

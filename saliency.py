@@ -40,8 +40,9 @@ class Settings:
     layers: tuple[int, ...] | None = None  # double-block indices averaged; None = all
     steps: tuple[int, ...] | None = None  # generate: sampling steps averaged; explain: noise samples; None = all
     target: str = "concepts+image"  # what the concept rows attend to (the paper's Table 4 ablation)
-    normalize: bool = False  # the official evaluation's concept normalisation of o_c before the output dot product
+    normalize: bool = False  # the official evaluation's concept normalisation of o_c (and v_c) before the dot product
     token_rule: str = "mean"  # first | mean | pieces: how a concept of several T5 pieces becomes tokens
+    value_per_head: bool = False  # value space: softmax per head, then the head mean (the official baseline's)
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -51,13 +52,13 @@ class Settings:
         ):
             if value not in allowed:
                 raise ValueError(f"Settings.{name} = {value!r}; choose one of {', '.join(allowed)}")
+        for name in ("softmax", "normalize", "value_per_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Settings.{name} = {getattr(self, name)!r}; give True or False")
         for name in ("layers", "steps"):
             value = getattr(self, name)
             if value is not None:
-                value = tuple(int(i) for i in value)
-                if not value or min(value) < 0 or len(set(value)) != len(value):
-                    raise ValueError(f"Settings.{name} = {value}: give distinct non-negative indices, or None for all")
-                object.__setattr__(self, name, value)
+                object.__setattr__(self, name, check_indices(value, f"Settings.{name}"))
 
 
 PRESETS: dict[str, Settings] = {
@@ -66,16 +67,38 @@ PRESETS: dict[str, Settings] = {
     "official": Settings(layers=(15, 16, 17, 18), token_rule="first"),
     # The official hosted demo: blocks 10-18, sampling steps 2 and 3.
     "official-demo": Settings(layers=tuple(range(10, 19)), steps=(2, 3), token_rule="first"),
-    # The run behind the paper's ImageNet-Segmentation row (with 5 noise samples and a blur, set by the benchmark).
-    "paper-imagenet": Settings(layers=(14, 15, 16, 17), normalize=True, token_rule="first"),
+    # The run behind the paper's ImageNet-Segmentation row (with 5 noise samples and a blur, set by the benchmark);
+    # its value space is the official baseline's (softmax per head, then the head mean).
+    "paper-imagenet": Settings(layers=(14, 15, 16, 17), normalize=True, token_rule="first", value_per_head=True),
 }
+
+
+def check_indices(value, what: str) -> tuple[int, ...]:
+    """A non-empty collection of distinct non-negative ints (a single int is one index); strings are refused, so that
+    "12" never becomes (1, 2)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what} = {value!r}: give a tuple of block or step indices, e.g. (12,) or (14, 15, 16, 17)")
+    value = tuple(value)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
+        raise ValueError(f"{what} = {value!r}: {bad!r} is not an integer index")
+    if not value or min(value) < 0 or len(set(value)) != len(value):
+        raise ValueError(f"{what} = {value}: give distinct non-negative indices (at least one), or None for all")
+    return value
 
 
 def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
     """Concepts must be a non-empty list of distinct, non-blank strings."""
     if isinstance(concepts, str):
         raise ValueError(f"concepts must be a list of words, got the string {concepts!r}; wrap it in a list")
-    concepts = [str(c).strip() for c in concepts]
+    if not isinstance(concepts, (list, tuple)):
+        raise ValueError(f"concepts must be a list of strings, got {type(concepts).__name__}")
+    for c in concepts:
+        if not isinstance(c, str):
+            raise ValueError(f"concept {c!r} is a {type(c).__name__}; every concept must be a string")
+    concepts = [c.strip() for c in concepts]
     if not concepts:
         raise ValueError("no concepts given; name at least one, e.g. --concepts cat sky")
     if any(not c for c in concepts):
@@ -95,12 +118,15 @@ def group_pieces(x: Tensor, owner: Tensor, num_concepts: int) -> Tensor:
     return torch.einsum("...pn,pc->...cn", x, weights)
 
 
-def reduce_space(value: Tensor, owner: Tensor, num_concepts: int, softmax: bool) -> Tensor:
+def reduce_space(value: Tensor, owner: Tensor, num_concepts: int, softmax: bool, sum_heads: bool = False) -> Tensor:
     """One layer's saliency in one space -> [B, C, N]: pieces averaged per concept, optional softmax over concepts
-    (per head for the head-wise spaces), then the mean over heads."""
+    (per head for the head-wise spaces), then the mean over heads. `sum_heads` first sums a per-head score over heads
+    (the dot product of the concatenated heads), so that one softmax is taken over the whole score."""
     x = value.float()
     if x.dim() == 3:
         x = x.unsqueeze(1)  # (B, 1, C', N): spaces without a head axis
+    if sum_heads:
+        x = x.sum(dim=1, keepdim=True)  # (B, 1, C', N)
     x = group_pieces(x, owner, num_concepts)  # (B, H, C, N)
     if softmax:
         x = x.softmax(dim=2)
@@ -125,11 +151,12 @@ class MapCollector:
     def add(self, saliency: dict[int, ConceptSaliency]) -> None:
         for space in self.spaces:
             for softmax in (False, True) if self.keep_grid else (self.settings.softmax,):
+                sum_heads = space == "value" and not self.settings.value_per_head
                 per_layer = [
-                    reduce_space(getattr(saliency[i], space), self.owner, self.num_concepts, softmax)[0].cpu()
+                    reduce_space(getattr(saliency[i], space), self.owner, self.num_concepts, softmax, sum_heads)[0]
                     for i in self.layers
                 ]
-                self.rows.setdefault((space, softmax), []).append(torch.stack(per_layer))  # (L, C, N)
+                self.rows.setdefault((space, softmax), []).append(torch.stack(per_layer).cpu())  # (L, C, N)
         if not self.keep_grid:
             step_sum = self.rows.pop((self.settings.space, self.settings.softmax))[0].sum(0)  # (C, N)
             self.total = step_sum if self.total is None else self.total + step_sum
@@ -166,11 +193,13 @@ class ConceptResult:
         layers = self.settings.layers if layers is None else layers
         steps = self.settings.steps if steps is None else steps
         if layers is not None:
+            layers = check_indices(layers, "layers")
             missing = sorted(set(layers) - set(self.layers))
             if missing:
                 raise ValueError(f"layers {missing} were not recorded; recorded: {list(self.layers)}")
             grid = grid[[self.layers.index(i) for i in layers]]
         if steps is not None:
+            steps = check_indices(steps, "steps")
             if max(steps) >= grid.shape[1]:
                 raise ValueError(f"steps {list(steps)} out of range: {grid.shape[1]} steps were recorded")
             grid = grid[:, list(steps)]

@@ -130,7 +130,7 @@ class ConceptSaliency:
 
     output: Tensor | None = None  # (B, C, N)  o_c . o_x, before the output projection, heads concatenated
     attention: Tensor | None = None  # (B, H, C, N)  softmax(q_c [k_c; k_x]^T / sqrt(D)), image columns
-    value: Tensor | None = None  # (B, C, N)  v_c . v_x, heads concatenated
+    value: Tensor | None = None  # (B, H, C, N)  v_c . v_x per head (their sum over heads: heads concatenated)
     cross_attention: Tensor | None = None  # (B, H, C, N)  k_c . q_x per head, post-QK-norm, pre-RoPE, unscaled
 
 
@@ -147,8 +147,8 @@ def concept_saliency(
 ) -> ConceptSaliency:
     """The requested saliency spaces from one block's tensors (shapes as in `DoubleStreamBlock.forward`).
 
-    `normalize` applies the official evaluation's concept normalisation to o_c (per feature, across concepts) before
-    the output-space dot product.
+    `normalize` applies the official evaluation's concept normalisation (per feature, across concepts) to o_c before
+    the output-space dot product and to v_c before the value-space one, as the official output and value baselines do.
     """
     unknown = set(spaces) - set(SPACES)
     if unknown:
@@ -161,7 +161,8 @@ def concept_saliency(
     if "attention" in spaces:
         out.attention = weights[..., C:].float()
     if "value" in spaces:
-        out.value = einsum(v_c.float(), v_x.float(), "B H C D, B H N D -> B C N")
+        v_c = linear_normalization(v_c.float(), dim=2) if normalize else v_c.float()
+        out.value = einsum(v_c, v_x.float(), "B H C D, B H N D -> B H C N")
     if "cross_attention" in spaces:
         out.cross_attention = einsum(k_c.float(), q_x.float(), "B H C D, B H N D -> B H C N")
     return out
