@@ -32,6 +32,7 @@ from torch import Tensor
 
 import imaging
 from mmdit import ConceptInput, Flux
+from mmdit.memory import MEMORY_MODES, prepare_flux
 from saliency import PRESETS, SPACES, TARGETS, TOKEN_RULES, ConceptResult, MapCollector, Settings, check_concepts
 from sampling import check_size, denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 
@@ -43,36 +44,55 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def memory_mode(memory: str, offload: bool) -> str:
+    """The memory mode, with `offload=True` (the older option) standing for "offload" when `memory` is "full"."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory mode {memory!r}: choose one of {', '.join(MEMORY_MODES)}")
+    return "offload" if offload and memory == "full" else memory
+
+
 class ConceptAttentionPipeline:
     """Flux + its autoencoder and text encoders, with ConceptAttention maps collected during the same forwards.
 
     `clip` may be None (the pooled vector is then zero, as in the built-in shapes model). The modules are used in the
-    dtype they were loaded in; `dtype` is that of the inputs (default: the transformer's). With `offload=True` the text
-    encoders stay on the CPU and visit `device` only to encode, so the transformer need not share the card with T5.
+    dtype they were loaded in; `dtype` is that of the inputs (default: the transformer's). `memory` (one of
+    `MEMORY_MODES`): "full" keeps everything on `device`; "offload" keeps the text encoders on the CPU, visiting
+    `device` only to encode, so the transformer need not share the card with T5; "stream" also streams the
+    transformer's blocks from pinned host memory (`mmdit.memory.stream_blocks`); "fp8" also stores the blocks' linear
+    weights in float8 (`mmdit.memory.to_fp8`). `offload=True` is the older spelling of memory="offload".
     """
 
     def __init__(self, flux: Flux, autoencoder, t5, t5_tokenizer, clip=None, clip_tokenizer=None, device=None,
-                 dtype=None, offload: bool = False, max_length: int = 256, source: str = "custom"):  # fmt: skip
+                 dtype=None, offload: bool = False, max_length: int = 256, source: str = "custom",
+                 memory: str = "full"):  # fmt: skip
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or next(flux.parameters()).dtype  # inputs follow the transformer unless told otherwise
-        self.flux, self.autoencoder = flux.to(self.device), autoencoder.to(self.device)
-        self.offload = offload
-        text_device = "cpu" if offload else self.device
+        self.memory = memory_mode(memory, offload)
+        self.flux, self.autoencoder = prepare_flux(flux, self.memory, self.device), autoencoder.to(self.device)
+        self.offload = self.memory != "full"
+        text_device = "cpu" if self.offload else self.device
         self.t5, self.t5_tokenizer = t5.to(text_device), t5_tokenizer
         self.clip = clip.to(text_device) if clip is not None else None
         self.clip_tokenizer = clip_tokenizer
         self.max_length, self.source = max_length, source
 
     @classmethod
-    def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, device=None, dtype=None, offload: bool = False):
-        """Load every component from a hub repo id, a local snapshot folder, or "shapes" (the built-in model)."""
+    def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, device=None, dtype=None, offload: bool = False,
+                        memory: str = "full"):  # fmt: skip
+        """Load every component from a hub repo id, a local snapshot folder, or "shapes" (the built-in model).
+        With memory "stream" or "fp8" the transformer is read into host memory and prepared there block by block."""
         import weights
 
         if str(source) == "shapes":
             source = BUILTIN_MODEL
         device = torch.device(device) if device is not None else default_device()
-        text_device = "cpu" if offload else device
-        flux = weights.load_flux(source, device=device, dtype=dtype)
+        memory = memory_mode(memory, offload)
+        text_device = "cpu" if memory != "full" else device
+        if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
+            flux_dtype = weights.resolve_device_dtype("flux", device, dtype)[1]
+            flux = weights.load_flux(source, device="cpu", dtype=flux_dtype)
+        else:
+            flux = weights.load_flux(source, device=device, dtype=dtype)
         autoencoder = weights.load_autoencoder(source, device=device, dtype=dtype)
         t5 = weights.load_t5_encoder(source, device=text_device, dtype=dtype)
         try:
@@ -84,9 +104,8 @@ class ConceptAttentionPipeline:
             clip, clip_tokenizer = None, None
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
-        return cls(
-            flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, offload, max_length, str(source)
-        )
+        return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,
+                   source=str(source), memory=memory)  # fmt: skip
 
     # ---- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grid", action="store_true", help="also keep and save the layer x step grid of maps")
         p.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
         p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bf16 on GPU, fp32 on CPU")
-        p.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU between uses")
+        p.add_argument("--memory", choices=MEMORY_MODES, default="full",
+                       help="full; offload (text encoders on the CPU between uses); stream (offload + transformer "
+                       "blocks streamed from host memory); fp8 (offload + fp8 transformer weights)")  # fmt: skip
+        p.add_argument("--offload", action="store_true", help="the same as --memory offload")
     return parser
 
 
@@ -312,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             image = imaging.load_image(args.image)
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        pipe = ConceptAttentionPipeline.from_pretrained(args.model, args.device, dtype, args.offload)
+        pipe = ConceptAttentionPipeline.from_pretrained(args.model, args.device, dtype, args.offload, args.memory)
         if args.command == "generate":
             result = pipe.generate(args.prompt, concepts, size[0], size[1], args.num_steps, args.seed, settings,
                                    keep_grid=args.grid)  # fmt: skip
