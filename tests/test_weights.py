@@ -423,7 +423,7 @@ def test_truncated_and_corrupt_files(world, tmp_path):
     path = tmp_path / FLUX_FILE
     data = (world.bfl / FLUX_FILE).read_bytes()
     path.write_bytes(data[:-100])
-    with pytest.raises(CheckpointError, match=r"truncated: it has [\d,]+ bytes, but its header .* hf download"):
+    with pytest.raises(CheckpointError, match=r"truncated: it has [\d,]+ bytes, but its header .* intact copy"):
         weights.load_flux(path)
     path.write_bytes(data[:8] + b"{garbage" + data[16:])
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
@@ -442,9 +442,7 @@ def test_missing_shard_and_bad_index(world, tmp_path):
     folder = copy_transformer(world, tmp_path)
     shards = sorted(folder.glob("*-of-*.safetensors"))
     shards[1].unlink()
-    with pytest.raises(
-        CheckpointNotFoundError, match=rf"shard 2 of {len(shards)}, .* is missing.*--include \"transformer/\*\""
-    ):
+    with pytest.raises(CheckpointNotFoundError, match=rf"shard 2 of {len(shards)}, .* is missing.*copy transformer/"):
         weights.load_flux(tmp_path)
     index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
     shutil.copy(world.dif / "transformer" / shards[1].name, shards[1])
@@ -453,6 +451,47 @@ def test_missing_shard_and_bad_index(world, tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointNotFoundError, match="a file, elsewhere.safetensors, is missing"):
         weights.load_flux(tmp_path)
+
+
+def test_repair_hints(world, tmp_path, monkeypatch):
+    """A damaged file in the hub cache: that one file again with --force-download (the hub client keeps a cached copy
+    otherwise); a missing shard there: that shard alone. A damaged local file: an intact copy, never a download into
+    the user's folder (only the hub id, whose files go to the cache); the built-in model's files: from git."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    data = (world.bfl / FLUX_FILE).read_bytes()
+    (staging / FLUX_FILE).write_bytes(data[:-100])
+    add_to_cache(tmp_path / "hub", "test-org/damaged", staging)
+    with pytest.raises(CheckpointError) as error:
+        weights.load_flux("test-org/damaged")
+    assert f"hf download test-org/damaged {FLUX_FILE} --force-download" in str(error.value)
+
+    shards = sorted(p.name for p in (world.dif / "transformer").glob("*-of-*.safetensors"))
+    names = [f"transformer/{p.name}" for p in (world.dif / "transformer").iterdir() if p.name != shards[1]]
+    add_to_cache(tmp_path / "hub", "test-org/partial", world.dif, names)
+    with pytest.raises(CheckpointNotFoundError) as error:
+        weights.load_flux("test-org/partial")
+    message = str(error.value)
+    assert message.endswith(f"Fetch it: hf download test-org/partial transformer/{shards[1]}"), message
+
+    local = tmp_path / "mine"
+    local.mkdir()
+    (local / "flux1-schnell.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError) as error:
+        weights.load_flux(local)
+    message = str(error.value)
+    assert "intact copy" in message and "--local-dir" not in message and "--force-download" not in message
+    assert "hf download black-forest-labs/FLUX.1-schnell flux1-schnell.safetensors)" in message  # into the cache
+    (local / "flux1-schnell.safetensors").rename(local / "flux1-tuned.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        weights.load_flux(local)
+    assert "intact copy" in str(error.value) and "hf download" not in str(error.value)  # not a hub file: no download
+
+    monkeypatch.setattr(weights.find, "BUILTIN", local.resolve())
+    with pytest.raises(CheckpointError, match="git checkout -- shapes/weights/flux1-tuned.safetensors$"):
+        weights.load_flux(local)
 
 
 def test_no_matching_layout(world, tmp_path, monkeypatch):

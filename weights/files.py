@@ -4,7 +4,9 @@ Follows the safetensors format (an 8-byte little-endian header length, a JSON he
 per tensor, then the raw row-major data) and the sharded layout of transformers and diffusers (an index JSON whose
 `weight_map` names each tensor's shard). Differs from `safetensors.torch.load_file` and `from_pretrained` in:
 - every header is checked against the file before any data is read: offsets that disagree with dtype x shape, or data
-  running past the end of a truncated file, are errors that give the `hf download` command to fetch it again;
+  running past the end of a truncated file, are errors that say how to replace the file (from the hub cache: the
+  `hf download --force-download` command for that one file; from a local folder: an intact copy, never a download
+  into someone's folder);
 - a model built on the meta device is filled one tensor at a time, with a plain file read straight into the tensor's
   memory, or through one reused staging buffer when the device or dtype differ: host memory stays the model plus its
   largest tensor, with no memory-mapped pages and no second copy;
@@ -51,10 +53,10 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: Path, fetch_hint: str) -> dict[str, TensorInfo]:
+def read_header(path: Path, found: Found) -> dict[str, TensorInfo]:
     """Parse a safetensors header (u64 little-endian length, then JSON) and check the file holds every tensor."""
     size = path.stat().st_size
-    again = f"Fetch it again with: {fetch_hint}"
+    again = found.repair_hint(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
@@ -91,28 +93,31 @@ def read_header(path: Path, fetch_hint: str) -> dict[str, TensorInfo]:
 
 def read_index(found: Found, index: str) -> dict[str, TensorInfo]:
     """Every tensor of a sharded checkpoint, from the headers of the shards its index names (all must be there)."""
-    path, hint = found.root / index, found.fetch_hint()
+    path = found.root / index
     try:
         shards = sorted(index_shards(path))
     except MALFORMED as error:
-        raise CheckpointError(f"{path} is not a valid index JSON ({error!r}). Fetch it again with: {hint}") from error
-    problems = []
+        raise CheckpointError(f"{path} is not a valid index JSON ({error!r}). {found.repair_hint(path)}") from error
+    problems, absent = [], []
     for shard in shards:
         if not (path.parent / shard).is_file():
             number = re.search(r"-(\d+)-of-(\d+)\.safetensors$", shard)
             what = f"shard {int(number[1])} of {int(number[2])}" if number else "a file"
             problems.append(f"{what}, {shard}, is missing")
+            absent.append(path.parent / shard)
     if problems:
         raise CheckpointNotFoundError(
             f"{path} names {len(shards)} shard(s) in {path.parent}, but "
             + "; ".join(problems)
-            + f". Fetch them: {hint}"
+            + f". {found.repair_hint(*absent, missing=True)}"
         )
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
-        for name, info in read_header(path.parent / shard, hint).items():
+        for name, info in read_header(path.parent / shard, found).items():
             if name in tensors:
-                raise CheckpointError(f"{name} is in two shards, {tensors[name].path.name} and {shard}. Fetch: {hint}")
+                raise CheckpointError(
+                    f"{name} is in two shards, {tensors[name].path.name} and {shard}. {found.repair_hint(path)}"
+                )
             tensors[name] = info
     return tensors
 
@@ -121,7 +126,7 @@ def read_weights(found: Found) -> dict[str, TensorInfo]:
     """Every tensor of the component: from its single file, or from all the shards of its index."""
     if found.index is not None:
         return read_index(found, found.index)
-    return read_header(Path(found.where), found.fetch_hint())
+    return read_header(Path(found.where), found)
 
 
 def read_config(found: Found) -> dict | None:
@@ -133,9 +138,7 @@ def read_config(found: Found) -> dict | None:
     try:
         return json.loads(path.read_text())
     except ValueError as error:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({error}). Fetch it again with: {found.fetch_hint()}"
-        ) from error
+        raise CheckpointError(f"{path} is not valid JSON ({error}). {found.repair_hint(path)}") from error
 
 
 # ---- filling a meta-built model -------------------------------------------------------------------------------------

@@ -156,8 +156,44 @@ class Found:
         """The weights file, or the index of a sharded checkpoint."""
         return str(self.root / (self.index or next(f for f in self.files if f.endswith(".safetensors"))))
 
-    def fetch_hint(self) -> str:
-        return self.layout.fetch_command(self.repo, None if self.repo else self.root)
+    def repair_hint(self, *paths: Path, missing: bool = False) -> str:
+        """What to do about damaged files of this component (or, with `missing`, absent ones), as a sentence.
+
+        From the hub cache: fetch exactly those files again, with `--force-download` for a damaged one (the hub
+        client trusts a cached file and would keep the damaged copy). From a local folder: copy intact files in; a
+        hub download into someone's folder could mix another model's files into theirs, so it is offered only as the
+        hub id, whose files go to the cache. The built-in model's files are restored from git."""
+        names = [Path(p).relative_to(self.root).as_posix() if Path(p).is_relative_to(self.root) else str(p)
+                 for p in paths]  # fmt: skip
+        listed = " ".join(names)
+        if self.repo is not None:
+            if missing:
+                return f"Fetch {'them' if len(names) > 1 else 'it'}: hf download {self.repo} {listed}"
+            return f"Fetch it again, replacing the damaged copy: hf download {self.repo} {listed} --force-download"
+        if self.root.resolve() == BUILTIN:
+            files = " ".join(f"shapes/weights/{n}" for n in names)
+            return f"The built-in model ships with the repository: restore it with git checkout -- {files}"
+        if missing:
+            hint = f"{self.root} is a local folder, not the hub cache: copy {listed} into it from their source"
+        else:
+            hint = "It is a local file, not from the hub cache: replace it with an intact copy from its source"
+        if all(on_hub(n) for n in names):
+            hint += (
+                f"; or load the hub id {DEFAULT_REPO} instead, which keeps its files in the Hugging Face cache "
+                f"(hf download {DEFAULT_REPO} {listed})"
+            )
+        return hint
+
+
+# the files of black-forest-labs/FLUX.1-schnell that the layouts above read, and the built-in model's folder
+HUB_FILES = ("flux1-schnell.safetensors", "ae.safetensors")
+HUB_FOLDERS = ("transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/", "tokenizer_2/")
+BUILTIN = Path(__file__).resolve().parents[1] / "shapes" / "weights"
+
+
+def on_hub(name: str) -> bool:
+    """Whether a path relative to a snapshot names a file of the official repo's layouts."""
+    return name in HUB_FILES or name.startswith(HUB_FOLDERS)
 
 
 def index_shards(index: Path) -> set[str]:
