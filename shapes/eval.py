@@ -301,14 +301,16 @@ def sample(
     max_length: int,
     num_steps: int = 20,
     seed: int = 0,
+    shift: bool = False,
 ) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler steps on the unshifted schedule from seeded noise."""
+    """Images (B, 3, H, W) in [-1, 1] for `prompts`: Euler steps from seeded noise on schnell's schedule (or, with
+    `shift`, the shifted one of dev)."""
     size = ae.config.resolution
     B = len(prompts)
     img = pack(get_noise(B, size, size, seed))  # (B, N, 64)
     txt = t5(tok(prompts, max_length))
     ids, txt_ids, y = image_ids(B, size, size), text_ids(B, max_length), torch.zeros(B, flux.config.vec_in_dim)
-    img = denoise(lambda x, t: flux(x, ids, txt, txt_ids, t, y), img, get_schedule(num_steps, img.shape[1]))
+    img = denoise(lambda x, t: flux(x, ids, txt, txt_ids, t, y), img, get_schedule(num_steps, img.shape[1], shift))
     return ae.decode(unpack(img, size, size)).clamp(-1, 1)
 
 

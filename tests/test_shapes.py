@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,118 @@ def test_shipped_weights_load_strictly_and_reproduce_the_model_card_sample():
         print(SAMPLE_PROMPTS[i], "max uint8 difference", diff.max())
         # float32 CPU sampling; different thread counts may reorder sums, so allow a few levels of rounding
         assert diff.max() <= 3
+
+
+def test_shaded_world_paints_each_shape_in_one_unnamed_shade_with_exact_masks():
+    shaded = SceneConfig(**WORLDS["shaded"])
+    low, high = shaded.shade
+    factors, areas = [], []
+    for seed in range(40):
+        scene = make_scene(seed, shaded)
+        for colour, kind in scene.shapes:
+            pixels = scene.image[scene.masks[kind]]  # every pixel of a shape has one value, its colour times a factor
+            assert (pixels == pixels[0]).all()
+            factor = pixels[0].astype(float) / np.array(COLOURS[colour])
+            assert np.ptp(factor) < 0.02 and low - 0.01 <= factor.mean() <= high + 0.01
+            factors.append(factor.mean())
+            areas.append(scene.masks[kind].mean())
+            assert not (scene.masks[kind] & scene.masks["background"]).any()
+            assert "shade" not in scene.caption and kind in scene.caption
+    assert np.ptp(factors) > 0.3  # the shades really vary
+    simple = [make_scene(s, SceneConfig(**WORLDS["simple"])) for s in range(40)]
+    simple_areas = [s.masks[k].mean() for s in simple for _, k in s.shapes]
+    assert np.mean(areas) > 1.3 * np.mean(simple_areas)  # radius 0.20-0.30 against 0.16-0.26
+    # a world without shades draws the same scenes as before shades existed: shades have their own generator
+    plain = replace(shaded, shade=(1.0, 1.0))
+    for seed in range(5):
+        scene = make_scene(seed, plain)
+        for colour, kind in scene.shapes:
+            assert (scene.image[scene.masks[kind]] == np.array(COLOURS[colour], dtype=np.uint8)).all()
+        assert np.array_equal(make_scene(seed, shaded).masks["background"], scene.masks["background"])
+    with pytest.raises(ValueError, match="shade must be a range"):
+        SceneConfig(shade=(1.2, 0.8))
+
+
+def test_auroc_equals_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from shapes.eval import auroc
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        labels = torch.rand(64, generator=generator) < 0.3
+        scores = torch.randint(0, 6, (3, 64), generator=generator).float()  # ties on purpose
+        ours = auroc(scores, labels)
+        for k in range(3):
+            assert ours[k].item() == pytest.approx(roc_auc_score(labels.numpy(), scores[k].numpy()), abs=1e-6)
+
+
+def test_routing_diagnostics_known_values():
+    from mmdit import ConceptSaliency
+    from shapes.eval import CONCEPTS, routing_diagnostics
+
+    scenes = [make_scene(s) for s in held_out_seeds(8)]
+    B, C, H, h = len(scenes), len(CONCEPTS), 2, 8
+    words = [list(CONCEPTS)] * B
+    generator = torch.Generator().manual_seed(0)
+    # the same logits for every scene: all of their variance is the shared positional pattern, share 1
+    fixed = torch.randn(1, H, C, h * h, generator=generator).expand(B, -1, -1, -1)
+    output = torch.randn(B, C, C, h * h, generator=generator)
+    sal = {0: ConceptSaliency(attention=0.8 * fixed.softmax(-1), output=output[:, 0])}
+    result = routing_diagnostics(sal, scenes, h, h, CONCEPTS, words)
+    assert result["routing/positional/b0"] == pytest.approx(1.0, abs=1e-5)
+    # logits that are each scene's own masks: nothing shared beyond the masks' overlap, and AUROC 1 on every head
+    logits = torch.full((B, H, C, h * h), -4.0)
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(CONCEPTS):
+            if word in scene.masks and word != "background":
+                mask = torch.from_numpy(scene.masks[word]).float()
+                area = mask.reshape(h, mask.shape[0] // h, h, mask.shape[1] // h).mean((1, 3)).flatten()
+                logits[b, :, c] += 8 * area
+    sal = {3: ConceptSaliency(attention=logits.softmax(-1), output=logits[:, 0])}
+    result = routing_diagnostics(sal, scenes, h, h, CONCEPTS, words)
+    assert result["routing/auroc/b3"] == pytest.approx(1.0) and result["routing/auroc/max"] == pytest.approx(1.0)
+    assert result["routing/auroc/b3/h1"] == pytest.approx(1.0)
+    assert result["routing/lift/b3"] > 3
+    # and their negation ranks every shape token last
+    sal = {3: ConceptSaliency(attention=(-logits).softmax(-1), output=logits[:, 0])}
+    assert routing_diagnostics(sal, scenes, h, h, CONCEPTS, words)["routing/auroc/b3"] == pytest.approx(0.0)
+
+
+def test_isolation_share_anneals_linearly_to_zero():
+    from shapes.train import Recipe, isolate_share
+
+    constant = Recipe(isolate=0.5)
+    assert [isolate_share(constant, s) for s in (0, 1000, 1999)] == [0.5, 0.5, 0.5]
+    annealed = Recipe(isolate=1.0, isolate_anneal=0.6, steps=1000)
+    assert [isolate_share(annealed, s) for s in (0, 300, 600, 900)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+TINY = dict(
+    size=32, scenes=32, ae_steps=10, ae_batch=4, ae_size=16, ae_full_steps=2, hidden=32, heads=2, depth=1, single=1,
+    t5_dim=32, batch=8, lr=3e-3, warmup=5, eval_scenes=8,
+)  # fmt: skip
+
+
+def test_budget_stops_a_run_and_resume_continues_it_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from shapes.train import Recipe, train
+
+    recipe = Recipe(world="shaded", t5_layers=0, isolate=1.0, isolate_anneal=0.5, steps=40, eval_every=1000, **TINY)
+    train(recipe, tmp_path / "whole", "cpu", seed=0)
+    # the same run stopped by a tiny wall-clock budget, then resumed from its checkpoint
+    train(recipe, tmp_path / "cut", "cpu", seed=0, reuse=tmp_path / "whole", minutes=0.003)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    stopped = records[-1]["step"]
+    assert 0 < stopped < 40, "the budget stops the run early"
+    assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
+    assert (tmp_path / "cut" / "steps" / f"{stopped:06d}" / "flux.safetensors").is_file()  # evaluated when stopped
+    train(recipe, tmp_path / "cut", "cpu", seed=0, reuse=tmp_path / "whole", resume=True)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "resume" and r["step"] == stopped for r in records)
+    whole = load_file(tmp_path / "whole" / "flux.safetensors")
+    cut = load_file(tmp_path / "cut" / "flux.safetensors")
+    worst = max((whole[k] - cut[k]).abs().max().item() for k in whole)
+    print("stopped at step", stopped, "; max abs difference after resuming", worst)
+    assert worst == 0.0  # optimizer, random streams and schedule all continue where they were
