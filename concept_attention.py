@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +36,17 @@ from torch import Tensor
 import imaging
 from mmdit import ConceptInput, Flux
 from mmdit.memory import MEMORY_MODES, prepare_flux
-from saliency import PRESETS, SPACES, TARGETS, TOKEN_RULES, ConceptResult, MapCollector, Settings, check_concepts
+from saliency import (
+    PRESETS,
+    SPACES,
+    TARGETS,
+    TOKEN_RULES,
+    ConceptResult,
+    MapCollector,
+    OutputFolder,
+    Settings,
+    check_concepts,
+)
 from sampling import check_size, denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
@@ -51,6 +64,101 @@ def memory_mode(memory: str, offload: bool) -> str:
     return "offload" if offload and memory == "full" else memory
 
 
+MAX_STEPS = 1000  # sampling steps: schnell uses 4, dev about 50; more builds lists and loops to no purpose
+NATIVE_SIZE = 1024  # FLUX.1's native resolution: the long side explain() resizes to when not told a size
+# Guidance fed to guidance-distilled models (FLUX.1-dev) by explain(): the value such a model samples with, so that
+# the forward sees the conditioning it was distilled on. The official code feeds 0 (explain(guidance=0.0) restores it).
+EXPLAIN_GUIDANCE = 3.5
+
+
+class InputWarning(UserWarning):
+    """A run that will work but probably not as meant (a cut prompt, unknown concepts, a constant map)."""
+
+
+def check_device(device) -> torch.device:
+    """A device that exists on this machine: CUDA and MPS are checked before anything loads."""
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device ({err}); use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: this machine has no usable CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ..)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device}: only cpu, cuda and mps are supported")
+    return device
+
+
+def check_count(value, what: str, low: int, high: int | None = None) -> int:
+    """An int in [low, high]: num_steps, num_samples."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} = {value!r}: give a whole number")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{what} = {value}: give a number from {low} to {high}" if high else f"{what} = {value}: give "
+                         f"at least {low}")  # fmt: skip
+    return value
+
+
+def check_seed(seed, count: int = 1) -> int:
+    """Seeds seed .. seed + count - 1 must each seed torch's generator: 0 .. 2^63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed = {seed!r}: give a whole number")
+    if seed < 0 or seed + count - 1 > 2**63 - 1:
+        raise ValueError(f"seed = {seed}: seeds {seed} .. {seed + count - 1} must lie in 0 .. 2^63 - 1")
+    return seed
+
+
+def check_t(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"t = {t!r}: the noise level must be a number in [0, 1]")
+    return float(t)
+
+
+def unknown_ids(tokenizer) -> set[int]:
+    """The ids of <unk> and of the bare word-start piece "▁" (which carries no meaning of its own)."""
+    backend = tokenizer.backend
+    if hasattr(backend, "piece_to_id"):  # sentencepiece
+        ids = {backend.piece_to_id("<unk>"), backend.piece_to_id("▁")}
+    else:  # tokenizers
+        ids = {backend.token_to_id("<unk>"), backend.token_to_id("▁")}
+    return {i for i in ids if i is not None}
+
+
+def native_size(source: str | Path) -> int:
+    """The long side a model was trained at: a folder's recipe.json "size" (the built-in model: 128), else 1024."""
+    recipe = Path(source) / "recipe.json"
+    try:
+        return int(json.loads(recipe.read_text())["size"]) if recipe.is_file() else NATIVE_SIZE
+    except (ValueError, KeyError, TypeError):
+        return NATIVE_SIZE
+
+
+def text_warnings(tokenizer, max_length: int, prompt: str, concepts: list[str], softmax: bool) -> list[str]:
+    """What will work but probably not as meant: a prompt longer than the model's token limit, concepts made only of
+    unknown pieces (they all get the same map), and a single concept under the softmax over concepts (a constant 1)."""
+    notes = []
+    pieces = len(tokenizer.encode(prompt)) if prompt else 0
+    if pieces > max_length:
+        notes.append(f"the prompt is {pieces} T5 tokens; only the first {max_length} are used")
+    unk = unknown_ids(tokenizer)
+    unknown = [c for c in concepts if set(tokenizer.encode(c)[:-1]) <= unk and set(tokenizer.encode(c)[:-1]) & unk]
+    if unknown:
+        notes.append(
+            f"concept(s) {', '.join(map(repr, unknown))} are made only of pieces the tokenizer does not know; every "
+            "such concept gets the same map"
+        )
+    if len(concepts) == 1 and softmax:
+        notes.append(
+            f"a single concept ({concepts[0]!r}) with the softmax over concepts gives a map of 1 everywhere; add a "
+            "second concept such as 'background', or use --no-softmax (softmax=False)"
+        )
+    return notes
+
+
 class ConceptAttentionPipeline:
     """Flux + its autoencoder and text encoders, with ConceptAttention maps collected during the same forwards.
 
@@ -64,8 +172,8 @@ class ConceptAttentionPipeline:
 
     def __init__(self, flux: Flux, autoencoder, t5, t5_tokenizer, clip=None, clip_tokenizer=None, device=None,
                  dtype=None, offload: bool = False, max_length: int = 256, source: str = "custom",
-                 memory: str = "full"):  # fmt: skip
-        self.device = torch.device(device) if device is not None else default_device()
+                 memory: str = "full", native_size: int = NATIVE_SIZE):  # fmt: skip
+        self.device = check_device(device)
         self.dtype = dtype or next(flux.parameters()).dtype  # inputs follow the transformer unless told otherwise
         self.memory = memory_mode(memory, offload)
         self.flux, self.autoencoder = prepare_flux(flux, self.memory, self.device), autoencoder.to(self.device)
@@ -75,6 +183,7 @@ class ConceptAttentionPipeline:
         self.clip = clip.to(text_device) if clip is not None else None
         self.clip_tokenizer = clip_tokenizer
         self.max_length, self.source = max_length, source
+        self.native_size = native_size  # the long side explain() resizes to when not told a size
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, device=None, dtype=None, offload: bool = False,
@@ -85,7 +194,7 @@ class ConceptAttentionPipeline:
 
         if str(source) == "shapes":
             source = BUILTIN_MODEL
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device)
         memory = memory_mode(memory, offload)
         text_device = "cpu" if memory != "full" else device
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
@@ -105,7 +214,7 @@ class ConceptAttentionPipeline:
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
         return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,
-                   source=str(source), memory=memory)  # fmt: skip
+                   source=str(source), memory=memory, native_size=native_size(source))  # fmt: skip
 
     # ---- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,8 +282,12 @@ class ConceptAttentionPipeline:
         """Sample an image exactly as Flux does (the concepts never change it) and collect the concept maps."""
         concepts = check_concepts(concepts)
         check_size(height, width)
+        check_count(num_steps, "num_steps", 1, MAX_STEPS)
+        check_seed(seed)
         if settings.steps is not None and max(settings.steps) >= num_steps:
             raise ValueError(f"steps {list(settings.steps)}: there are only {num_steps} sampling steps")
+        self._check_memory(height, width)
+        self._warn(prompt, concepts, settings)
         txt, y = self.encode_prompt(prompt)
         tokens, owner = self.encode_concepts(concepts, settings.token_rule)
         layers = self._layers(settings, keep_grid)
@@ -207,33 +320,52 @@ class ConceptAttentionPipeline:
                   "num_steps": num_steps, "seed": seed, "timesteps": timesteps}  # fmt: skip
         return self._result(image, concepts, collector, height, width, settings, record)
 
+    def _check_memory(self, height: int, width: int) -> None:
+        cfg = self.autoencoder.config
+        imaging.check_memory(height, width, self.device, self.dtype, cfg.ch * cfg.ch_mult[0],
+                             self.flux.config.hidden_size, self.max_length)  # fmt: skip
+
+    def _warn(self, prompt: str, concepts: list[str], settings: Settings) -> None:
+        for note in text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax):
+            warnings.warn(note, InputWarning, stacklevel=3)
+
     @torch.no_grad()
     def explain(self, image, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
                 seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False,
-                size: tuple[int, int] | None = None, progress: bool = True) -> ConceptResult:  # fmt: skip
+                size: tuple[int, int] | None = None, progress: bool = True,
+                guidance: float = EXPLAIN_GUIDANCE) -> ConceptResult:  # fmt: skip
         """Maps for a given image: autoencoder mean, noise at t (seeds seed..seed+num_samples-1), one forward that stops
-        after the double blocks per sample, with the zero pooled vector (as the official code), averaged."""
+        after the double blocks per sample, with the zero pooled vector (as the official code), averaged.
+
+        `image`: a file path, a PIL image (any mode; alpha over white) or a float tensor [3, H, W] with values in [0, 1]
+        (others are refused, not clamped). Without `size` it is resized by `imaging.auto_size` (long side at most the
+        model's native size, multiples of 16); `record["input_size"]` keeps its own size. `guidance` feeds models with a
+        guidance embedding (FLUX.1-dev); FLUX.1-schnell has none and ignores it."""
         concepts = check_concepts(concepts)
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"t = {t}: the noise level must lie in [0, 1]")
-        if num_samples < 1:
-            raise ValueError(f"num_samples = {num_samples}: need at least one noise sample")
-        pil = image if isinstance(image, Image.Image) else None
+        t = check_t(t)
+        check_count(num_samples, "num_samples", 1)
+        check_seed(seed, num_samples)
         if isinstance(image, (str, Path)):
             pil = imaging.load_image(image)
         elif isinstance(image, Tensor):
-            pil = imaging.to_pil(image.float() * 2 - 1)
-        if pil is None:
+            pil = imaging.tensor_to_image(image)
+        elif isinstance(image, Image.Image):
+            pil = imaging.to_rgb(image)
+        else:
             raise ValueError(f"image must be a PIL image, a path or a [3, H, W] tensor, got {type(image).__name__}")
-        if size is not None:
+        input_size = (pil.height, pil.width)
+        size_rule = "given"
+        if size is None:
+            size = imaging.auto_size(*input_size, self.native_size)
+            size_rule = f"auto: long side at most {self.native_size}, multiples of 16"
+        check_size(*size)
+        if size != input_size:
             pil = pil.resize((size[1], size[0]), Image.BICUBIC)
         height, width = pil.height, pil.width
-        try:
-            check_size(height, width)
-        except ValueError as err:
-            raise ValueError(f"{err}; resize the image with size=(height, width) (--size HxW)") from None
         if settings.steps is not None and max(settings.steps) >= num_samples:
             raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
+        self._check_memory(height, width)
+        self._warn(prompt, concepts, settings)
         txt, y = self.encode_prompt(prompt, pooled=False)
         tokens, owner = self.encode_concepts(concepts, settings.token_rule)
         layers = self._layers(settings, keep_grid)
@@ -244,7 +376,8 @@ class ConceptAttentionPipeline:
         z = pack(self.autoencoder.encode(x).to(self.dtype))  # (1, N, 64)
         ids, tids = image_ids(1, height, width).to(self.device), text_ids(1, txt.shape[1]).to(self.device)
         t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
-        g = torch.full((1,), 3.5, device=self.device, dtype=self.dtype) if self.flux.config.guidance_embed else None
+        guided = self.flux.config.guidance_embed
+        g = torch.full((1,), float(guidance), device=self.device, dtype=self.dtype) if guided else None
         samples = range(num_samples)
         if progress:
             from tqdm.auto import tqdm
@@ -257,7 +390,8 @@ class ConceptAttentionPipeline:
                 out = self.flux(x_t, ids, txt, tids, t_vec, y, g, concepts=concept_input, stop_after_double=True)
                 collector.add(out.saliency)
         record = {"mode": "explain", "model": self.source, "prompt": prompt, "height": height, "width": width,
-                  "t": t, "num_samples": num_samples, "seed": seed}  # fmt: skip
+                  "input_size": list(input_size), "size_rule": size_rule, "t": t, "num_samples": num_samples,
+                  "seed": seed, "guidance": float(guidance) if guided else None}  # fmt: skip
         return self._result(pil, concepts, collector, height, width, settings, record)
 
 
@@ -299,11 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prompt", default="", help="caption used as the prompt (default: empty)")
     exp.add_argument("--t", type=float, default=0.5, help="noise level of the single forward (default 0.5)")
     exp.add_argument("--samples", type=int, default=1, help="noise draws averaged (seeds seed..seed+n-1)")
+    exp.add_argument("--guidance", type=float, default=EXPLAIN_GUIDANCE,
+                     help=f"guidance for guidance-distilled models such as FLUX.1-dev (default {EXPLAIN_GUIDANCE}; "
+                     "the official code feeds 0); schnell ignores it")  # fmt: skip
     for p in (gen, exp):
         p.add_argument("--concepts", nargs="+", required=True, help="the words to localise, e.g. cat sky grass")
         p.add_argument("--out", required=True, help="folder for the image, heatmaps, overlay, masks, maps, settings")
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or 'shapes' ({DEFAULT_MODEL})")
-        p.add_argument("--size", type=_parse_size, help="512 or HxW, multiples of 16 (generate: default 1024)")
+        p.add_argument(
+            "--size",
+            type=_parse_size,
+            help="512 or HxW, multiples of 16 (default: the model's native "
+            "size, 1024 for FLUX.1 and 128 for shapes; explain: the image, long side at most that)",
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--preset", choices=sorted(PRESETS), default="default")
         p.add_argument("--space", choices=SPACES, help="saliency space (default: output, the paper's)")
@@ -323,29 +465,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the command checks its arguments against, read from small files before any weights load."""
+
+    source: str
+    depth: int  # double blocks
+    hidden_size: int
+    ae_channels: int  # width of the autoencoder's full-resolution level
+    max_length: int
+    native_size: int
+    tokenizer: object
+
+
+def model_facts(source: str | Path) -> ModelFacts:
+    """The tokenizer, the T5 length and the sizes that matter for the checks, from the checkpoints' headers."""
+    import weights
+    from weights.configs import count_blocks
+
+    source = BUILTIN_MODEL if str(source) == "shapes" else source
+    flux = weights.read_weights(weights.locate(source, "flux"))
+    depth = count_blocks(flux, "double_blocks") or count_blocks(flux, "transformer_blocks")
+    embed = flux.get("img_in.weight") or flux.get("x_embedder.weight")
+    ae = weights.read_weights(weights.locate(source, "autoencoder")).get("encoder.conv_in.weight")
+    return ModelFacts(
+        str(source), depth, embed.shape[0] if embed else 3072, ae.shape[0] if ae else 128,
+        weights.t5_max_length(source), native_size(source), weights.load_t5_tokenizer(source),
+    )  # fmt: skip
+
+
+def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFacts) -> tuple[int, int]:
+    """Every check that needs no weights; -> the size the model will run at (explain: printed when resized)."""
+    count = args.num_steps if args.command == "generate" else args.samples
+    if args.command == "generate":
+        check_count(args.num_steps, "--num-steps", 1, MAX_STEPS)
+    else:
+        check_t(args.t)
+        check_count(args.samples, "--samples", 1)
+    check_seed(args.seed, count)
+    if settings.steps is not None and max(settings.steps) >= count:
+        what = "sampling steps (--num-steps)" if args.command == "generate" else "noise samples (--samples)"
+        raise ValueError(f"--steps-used {list(settings.steps)}: there are only {count} {what}")
+    if settings.layers is not None and max(settings.layers) >= facts.depth:
+        raise ValueError(f"--layers {list(settings.layers)}: this model has {facts.depth} double blocks "
+                         f"(0..{facts.depth - 1})")  # fmt: skip
+    if args.command == "generate":
+        return args.size or (facts.native_size, facts.native_size)
+    image = imaging.load_image(args.image)
+    if args.size is not None:
+        return args.size
+    size = imaging.auto_size(image.height, image.width, facts.native_size)
+    if size != (image.height, image.width):
+        rule = f"long side at most {facts.native_size}, multiples of 16"
+        print(f"note: {args.image} is {image.height}x{image.width}; explaining it at {size[0]}x{size[1]} ({rule}); "
+              "--size HxW picks another size", file=sys.stderr)  # fmt: skip
+    return size
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    folder = None
     try:
         settings = _settings_from_args(args)
         concepts = check_concepts(args.concepts)
-        size = args.size or ((1024, 1024) if args.command == "generate" else None)
-        if size is not None:
-            check_size(*size)
-        if args.command == "explain":
-            image = imaging.load_image(args.image)
+        device = check_device(args.device)
+        import weights
+
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        pipe = ConceptAttentionPipeline.from_pretrained(args.model, args.device, dtype, args.offload, args.memory)
-        if args.command == "generate":
-            result = pipe.generate(args.prompt, concepts, size[0], size[1], args.num_steps, args.seed, settings,
-                                   keep_grid=args.grid)  # fmt: skip
-        else:
-            result = pipe.explain(image, concepts, args.prompt, args.t, args.samples, args.seed, settings,
-                                  keep_grid=args.grid, size=size)  # fmt: skip
+        for component in ("flux", "autoencoder", "t5"):  # float16 is refused here, not after the transformer loads
+            run_dtype = weights.resolve_device_dtype(component, device, dtype)[1]
+        facts = model_facts(args.model)
+        size = check_arguments(args, settings, facts)
+        check_size(*size)
+        imaging.check_memory(*size, device, run_dtype, facts.ae_channels, facts.hidden_size, facts.max_length)
+        prompt = args.prompt
+        for note in text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax):
+            print(f"warning: {note}", file=sys.stderr)
+        folder = OutputFolder(args.out, concepts, inputs=(args.image,) if args.command == "explain" else ())
+        pipe = ConceptAttentionPipeline.from_pretrained(args.model, device, dtype, args.offload, args.memory)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)  # already printed above
+            if args.command == "generate":
+                result = pipe.generate(prompt, concepts, size[0], size[1], args.num_steps, args.seed, settings,
+                                       keep_grid=args.grid)  # fmt: skip
+            else:
+                result = pipe.explain(args.image, concepts, prompt, args.t, args.samples, args.seed, settings,
+                                      keep_grid=args.grid, size=args.size, guidance=args.guidance)  # fmt: skip
+        out = folder.write(result)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = result.save(args.out)
-    print(f"wrote {out}/: image.png, overlay.png, heatmaps/, masks/, maps.safetensors, settings.json")
+    finally:
+        if folder is not None:
+            folder.discard()
+    done = "replaced the earlier result in" if folder.replaces else "wrote"
+    print(f"{done} {out}/: image.png, overlay.png, heatmaps/, masks/, maps.safetensors, settings.json")
     return 0
 
 

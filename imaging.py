@@ -157,3 +157,59 @@ def captioned_grid(tiles: list[Image.Image], captions: list[str], columns: int |
         draw.text((x + 3, y + 1), caption, fill="black", font=font)
         canvas.paste(tile.resize((w, h)), (x, y + strip))
     return canvas
+
+
+# ---- sizes and their memory cost ------------------------------------------------------------------------------------
+def auto_size(height: int, width: int, native: int) -> tuple[int, int]:
+    """A size the model takes for an image of height x width: kept when both sides are multiples of 16 and the long
+    side is at most `native`; otherwise scaled (never up) so that the long side is at most `native`, each side rounded
+    to the nearest multiple of 16 (at least 16). The aspect ratio changes by at most 8 px per side."""
+    if height % 16 == 0 and width % 16 == 0 and max(height, width) <= native:
+        return height, width
+    scale = min(1.0, native / max(height, width))
+    return tuple(max(16, round(side * scale / 16) * 16) for side in (height, width))
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes the device can hold: a CUDA card's total memory, the host's available memory for the CPU (None where
+    unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def estimate_memory(height: int, width: int, device: torch.device, dtype: torch.dtype, ae_channels: int,
+                    hidden_size: int, text_tokens: int) -> dict[str, int]:  # fmt: skip
+    """Activation bytes that grow with the image, for the largest of the autoencoder and the transformer forwards:
+    - autoencoder: about 8 live tensors of `ae_channels` x H x W at the full-resolution level, plus on the CPU the
+      mid-block attention's (H/8 * W/8)^2 score matrix and its softmax (measured on this project's CPU: 2.2-2.4 times
+      one such matrix in float32; CUDA's fused attention kernels do not materialise it);
+    - transformer: about 16 x (T + N) x hidden values per block (the MLP's 4x widening, q, k, v and residuals).
+    Weights are not included."""
+    size = torch.finfo(dtype).bits // 8
+    ae = 8 * ae_channels * height * width * size
+    if device.type != "cuda":
+        ae += int(2.5 * (height * width // 64) ** 2 * 4)
+    transformer = 16 * (text_tokens + height * width // 256) * hidden_size * size
+    return {"autoencoder": ae, "transformer": transformer}
+
+
+def check_memory(height: int, width: int, device: torch.device, dtype: torch.dtype, ae_channels: int,
+                 hidden_size: int, text_tokens: int) -> None:  # fmt: skip
+    """Refuse a size whose activation estimate exceeds what the device holds, with the estimate."""
+    have = device_memory(device)
+    need = estimate_memory(height, width, device, dtype, ae_channels, hidden_size, text_tokens)
+    if have is not None and max(need.values()) > have:
+        gb = 1024**3
+        raise ValueError(
+            f"size {height}x{width} needs about {max(need.values()) / gb:.1f} GB on {device} for activations alone "
+            f"(autoencoder {need['autoencoder'] / gb:.1f} GB, transformer {need['transformer'] / gb:.1f} GB), more "
+            f"than the {have / gb:.1f} GB it has; give a smaller --size (size=(height, width))"
+        )

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,22 @@ from mmdit import ConceptSaliency
 SPACES = ("output", "attention", "value", "cross_attention")
 TARGETS = ("concepts+image", "image", "concepts", "none")
 TOKEN_RULES = ("first", "mean", "pieces")
+
+
+def check_indices(value, what: str) -> tuple[int, ...]:
+    """A non-empty collection of distinct non-negative ints (a single int is one index); strings are refused, so that
+    "12" never becomes (1, 2)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{what} = {value!r}: give a tuple of block or step indices, e.g. (12,) or (14, 15, 16, 17)")
+    value = tuple(value)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
+        raise ValueError(f"{what} = {value!r}: {bad!r} is not an integer index")
+    if not value or min(value) < 0 or len(set(value)) != len(value):
+        raise ValueError(f"{what} = {value}: give distinct non-negative indices (at least one), or None for all")
+    return value
 
 
 @dataclass(frozen=True)
@@ -71,22 +91,6 @@ PRESETS: dict[str, Settings] = {
     # its value space is the official baseline's (softmax per head, then the head mean).
     "paper-imagenet": Settings(layers=(14, 15, 16, 17), normalize=True, token_rule="first", value_per_head=True),
 }
-
-
-def check_indices(value, what: str) -> tuple[int, ...]:
-    """A non-empty collection of distinct non-negative ints (a single int is one index); strings are refused, so that
-    "12" never becomes (1, 2)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{what} = {value!r}: give a tuple of block or step indices, e.g. (12,) or (14, 15, 16, 17)")
-    value = tuple(value)
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
-        bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
-        raise ValueError(f"{what} = {value!r}: {bad!r} is not an integer index")
-    if not value or min(value) < 0 or len(set(value)) != len(value):
-        raise ValueError(f"{what} = {value}: give distinct non-negative indices (at least one), or None for all")
-    return value
 
 
 def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
@@ -232,20 +236,121 @@ class ConceptResult:
         return imaging.captioned_grid(tiles, ["image", *self.concepts])
 
     def save(self, out: str | Path) -> Path:
-        """Write image.png, overlay.png, heatmaps/, masks/, maps.safetensors and settings.json under `out`."""
-        out = Path(out)
-        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-        (out / "masks").mkdir(exist_ok=True)
-        self.image.save(out / "image.png")
-        self.overlay().save(out / "overlay.png")
-        masks = self.masks("mean")
-        for i, (name, heat) in enumerate(zip(self.concepts, self.heatmaps(), strict=True)):
-            stem = f"{i:02d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}"
-            heat.save(out / "heatmaps" / f"{stem}.png")
-            Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(out / "masks" / f"{stem}.png")
-        tensors = {"maps": self.maps.contiguous()}
-        tensors.update({f"grid.{k}": v.contiguous() for k, v in (self.grid or {}).items()})
-        save_file(tensors, out / "maps.safetensors", metadata={"concepts": json.dumps(self.concepts)})
-        record = {**self.record, "concepts": self.concepts, "settings": dataclasses.asdict(self.settings)}
-        (out / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
-        return out
+        """Write image.png, overlay.png, heatmaps/, masks/, maps.safetensors and settings.json as the folder `out`:
+        written beside it first and moved into place at the end (see `OutputFolder`); an earlier result there is
+        replaced, a folder holding anything else is refused."""
+        return OutputFolder(out, self.concepts).write(self)
+
+
+RESULT_NAMES = {"image.png", "overlay.png", "heatmaps", "masks", "maps.safetensors", "settings.json"}
+
+
+def file_stems(concepts: list[str], name_max: int = 255) -> list[str]:
+    """ "NN_concept" per concept: characters other than letters and digits become "_", and the name is cut so that
+    "NN_concept.png" fits `name_max` bytes (the index keeps names unique)."""
+    stems = []
+    for i, name in enumerate(concepts):
+        stem = f"{i:02d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}"
+        while len(stem.encode()) > name_max - len(".png"):
+            stem = stem[:-1]
+        stems.append(stem)
+    return stems
+
+
+class OutputFolder:
+    """A result folder written all at once: checked and started before any computing, filled in a hidden temporary
+    folder beside `out`, then moved into place, so that an interrupted or failed run leaves nothing half-written and
+    two runs never mix their files (the last one to finish wins).
+
+    Refused: an empty name, a path that is a file, a parent that cannot be written, a folder holding anything other
+    than an earlier result's files, and a folder that holds one of `inputs` (it would be replaced). `replaces` says
+    whether an earlier result will be replaced. Concept file names are created in the temporary folder at once, so a
+    name the file system refuses fails here, not after the model has run."""
+
+    def __init__(self, out: str | Path, concepts: list[str], inputs: tuple[str | Path, ...] = ()):
+        if not str(out).strip():
+            raise ValueError("the output folder name is empty; give a folder, e.g. --out out/cat")
+        self.out = Path(out).expanduser().absolute()
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"the output folder {self.out} is a file; give a folder that is new or holds a result")
+        for item in inputs:
+            item = Path(item).expanduser().resolve()
+            if item == self.out.resolve() or self.out.resolve() in item.parents:
+                raise ValueError(
+                    f"the input {item} lies inside the output folder {self.out}, which would be replaced; "
+                    "give another --out"
+                )
+        self.replaces = False
+        if self.out.is_dir():
+            others = sorted(p.name for p in self.out.iterdir() if p.name not in RESULT_NAMES)
+            if others:
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise ValueError(
+                    f"the output folder {self.out} holds files that are not a result of this program ({shown}); "
+                    "give a new or empty folder"
+                )
+            self.replaces = any(self.out.iterdir())
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        except OSError as err:
+            raise ValueError(
+                f"cannot write the output folder {self.out} ({err.strerror}); give a writable --out"
+            ) from None
+        try:
+            (self.tmp / "heatmaps").mkdir()
+            (self.tmp / "masks").mkdir()
+            name_max = os.pathconf(self.tmp, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+            self.stems = file_stems(concepts, name_max)
+            for stem in self.stems:
+                (self.tmp / "heatmaps" / f"{stem}.png").touch()
+        except OSError as err:
+            self.discard()
+            raise ValueError(f"cannot write {err.filename} in {self.out.parent} ({err.strerror}); rename the concept "
+                             "or give another --out") from None  # fmt: skip
+
+    def write(self, result: ConceptResult) -> Path:
+        """Write every file of `result` into the temporary folder, then move it into place as `out`."""
+        try:
+            tmp = self.tmp
+            result.image.save(tmp / "image.png")
+            result.overlay().save(tmp / "overlay.png")
+            masks = result.masks("mean")
+            for i, (stem, heat) in enumerate(zip(self.stems, result.heatmaps(), strict=True)):
+                heat.save(tmp / "heatmaps" / f"{stem}.png")
+                Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(tmp / "masks" / f"{stem}.png")
+            tensors = {"maps": result.maps.contiguous()}
+            tensors.update({f"grid.{k}": v.contiguous() for k, v in (result.grid or {}).items()})
+            save_file(tensors, tmp / "maps.safetensors", metadata={"concepts": json.dumps(result.concepts)})
+            record = {**result.record, "concepts": result.concepts, "settings": dataclasses.asdict(result.settings)}
+            (tmp / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
+            self._move_into_place()
+        finally:
+            self.discard()
+        return self.out
+
+    def _move_into_place(self) -> None:
+        for _ in range(5):  # another run may put its result in place between our two renames: retry
+            try:
+                os.rename(self.tmp, self.out)  # atomic; also replaces an empty folder
+                return
+            except FileNotFoundError:
+                continue
+            except OSError:
+                old = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.old")
+                try:
+                    os.rename(self.out, old)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.rename(self.tmp, self.out)
+                    return
+                except OSError:
+                    continue
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
+        raise OSError(f"could not move the result into {self.out}: another process keeps writing there")
+
+    def discard(self) -> None:
+        """Remove the temporary folder (after a move, or when the run fails)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
