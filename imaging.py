@@ -167,7 +167,7 @@ def auto_size(height: int, width: int, native: int) -> tuple[int, int]:
     if height % 16 == 0 and width % 16 == 0 and max(height, width) <= native:
         return height, width
     scale = min(1.0, native / max(height, width))
-    return tuple(max(16, round(side * scale / 16) * 16) for side in (height, width))
+    return tuple(max(16, int(side * scale / 16 + 0.5) * 16) for side in (height, width))  # halves round up
 
 
 def device_memory(device: torch.device) -> int | None:
