@@ -9,6 +9,11 @@
 
 Every protocol setting can be overridden; `--methods`, `--softmax`, `--layers`, `--t` and `--blur` take several values
 and the run scores every combination, sharing one forward per image and t.
+
+Bad input is one line on stderr (`error: ...`) and exit code 2, with no traceback, and everything that can be checked
+without the weights is checked before they load: the arguments (layer ranges, t, samples, seed, limit, rank and world
+size), the device and dtype, the dataset files, the class map, the output folder, each image's size against its mask,
+each image's concepts, and the layers against the checkpoint's config.
 """
 
 from __future__ import annotations
@@ -20,13 +25,33 @@ import sys
 
 from .datasets import open_dataset
 from .protocols import CLASS_MAPS, PROTOCOLS
-from .run import merge, method_grid, parse_layers, run
+from .run import check_layers, merge, method_grid, parse_layers, prepare, run_plan
 
 SWITCH = {"on": True, "off": False}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit 2 (as every other error of this command)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segmentation", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m segmentation", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="score methods on a dataset (resumes from OUT/cache)")
     r.add_argument("--dataset", required=True, choices=("imagenet", "voc", "folder"))
@@ -41,21 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", nargs="+", help="layer sets, e.g. 14-17 all 18 (default: the protocol's)")
     r.add_argument("--t", nargs="+", type=float, help="noise levels (default: the protocol's)")
     r.add_argument("--blur", nargs="+", choices=("on", "off"), help="3x3 Gaussian blur (default: protocol)")
-    r.add_argument("--samples", type=int, help="noise samples per image (default: the protocol's)")
-    r.add_argument("--seed", type=int, help="seed of the first noise sample (default: the protocol's)")
+    r.add_argument("--samples", type=at_least(1), help="noise samples per image (default: the protocol's)")
+    r.add_argument("--seed", type=at_least(0), help="seed of the first noise sample (default: the protocol's)")
     r.add_argument("--normalize", choices=("on", "off"), help="official concept normalisation (default: protocol)")
     r.add_argument("--token-rule", choices=("first", "mean", "pieces"), help="multi-piece concepts (default: protocol)")
     r.add_argument("--class-map", help=f"{', '.join(CLASS_MAPS)} or a JSON file {{class: concept}}")
-    r.add_argument("--limit", type=int, help="score only the first N selected images")
-    r.add_argument("--rank", type=int, help="this shard (default: $RANK or 0)")
-    r.add_argument("--world-size", type=int, help="number of shards (default: $WORLD_SIZE or 1)")
+    r.add_argument("--limit", type=at_least(1), help="score only the first N selected images")
+    r.add_argument("--rank", type=at_least(0), help="this shard (default: $RANK or 0)")
+    r.add_argument("--world-size", type=at_least(1), help="number of shards (default: $WORLD_SIZE or 1)")
     r.add_argument("--device", help="default: cuda:$LOCAL_RANK when a GPU is present, else cpu")
     r.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     r.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU")
     r.add_argument("--no-progress", action="store_true")
     m = sub.add_parser("merge", help="merge the shard files in OUT/shards into OUT/results.json and results.md")
     m.add_argument("--out", required=True)
-    m.add_argument("--world-size", type=int, help="default: the largest shard count found")
+    m.add_argument("--world-size", type=at_least(1), help="default: the largest shard count found")
     sub.add_parser("protocols", help="print the presets")
     return parser
 
@@ -76,20 +101,81 @@ def methods_from_args(args: argparse.Namespace, protocol) -> list:
     )
 
 
+def environment_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if not text.strip().isdigit():
+        raise ValueError(f"${name} = {text!r}: expected a whole number (torchrun sets it)")
+    return int(text)
+
+
+def check_device(text: str | None):
+    """The device to run on, after checking it exists here: cuda:$LOCAL_RANK when a GPU is present, else cpu."""
+    import torch
+
+    if text is None:
+        return f"cuda:{environment_int('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "torch without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        raise ValueError(f"--device {text}: this machine has no usable GPU ({build}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"--device {text}: {device.type} is not available on this machine; use --device cpu")
+    return text
+
+
+def flux_depth(model: str) -> tuple[int, str]:
+    """The double-block count from the checkpoint's config or tensor headers (no weights are read), and its file."""
+    import mmdit
+    from concept_attention import BUILTIN_MODEL
+    from weights.configs import flux_config_from_diffusers, flux_config_from_shapes, single_file_config
+    from weights.files import read_config, read_weights
+    from weights.find import locate
+
+    found = locate(BUILTIN_MODEL if model == "shapes" else model, "flux")
+    tensors, cfg = read_weights(found), read_config(found)
+    if found.layout.kind == "folder":
+        config = flux_config_from_diffusers(cfg, tensors, found.where)
+    else:
+        config = single_file_config(mmdit.FluxConfig, cfg, tensors, found.where, flux_config_from_shapes)
+    return config.depth, found.where
+
+
 def build_pipeline(args: argparse.Namespace):
     import torch
 
     from concept_attention import ConceptAttentionPipeline
 
-    device = args.device
-    if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return ConceptAttentionPipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    return ConceptAttentionPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, offload=args.offload)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = build_parser().parse_args(argv)
+    try:
+        return command(args)
+    except (ValueError, OSError, ImportError) as error:  # bad input, missing or damaged files, a missing package
+        print(f"error: {error}", file=sys.stderr)
+    except torch.OutOfMemoryError:
+        device = getattr(args, "device", None)
+        print(f"error: out of memory on {device}; try --dtype bfloat16, --offload, or a smaller protocol resize",
+              file=sys.stderr)  # fmt: skip
+    return 2
+
+
+def command(args: argparse.Namespace) -> int:
     if args.command == "protocols":
         for name, protocol in PROTOCOLS.items():
             print(name, json.dumps(protocol.to_json()))
@@ -98,15 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         results = merge(args.out, args.world_size)
         print(open(os.path.join(args.out, "results.md")).read() if results else "")
         return 0
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world_size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    rank = args.rank if args.rank is not None else environment_int("RANK", 0)
+    world_size = args.world_size if args.world_size is not None else environment_int("WORLD_SIZE", 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}: ranks run from 0 to world size - 1")
+    if args.dtype == "float16":
+        raise ValueError("--dtype float16: T5 and the autoencoder overflow in it (NaN); use bfloat16 or float32")
     protocol = protocol_from_args(args)
     methods = methods_from_args(args, protocol)
+    args.device = check_device(args.device)
     dataset = open_dataset(args.dataset, args.data, args.split)
     class_map = args.class_map or ("none" if args.dataset == "folder" else protocol.class_map)
+    plan = prepare(dataset, protocol, methods, args.out, limit=args.limit, rank=rank, world_size=world_size,
+                   class_map=class_map, model=args.model)  # fmt: skip
+    depth, where = flux_depth(args.model)
+    check_layers(methods, depth, where)
     pipe = build_pipeline(args)
-    results = run(pipe, dataset, protocol, methods, args.out, limit=args.limit, rank=rank, world_size=world_size,
-                  class_map=class_map, model=args.model, progress=not args.no_progress)  # fmt: skip
+    results = run_plan(pipe, plan, progress=not args.no_progress)
     if results is not None:
         print((open(os.path.join(args.out, "results.md"))).read())
     else:

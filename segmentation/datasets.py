@@ -13,12 +13,18 @@ read without decoding the image (`label(i)`), so a protocol can pick its subset 
 - `VOCSegmentation`: `VOCdevkit/VOC2012` with `JPEGImages/`, `SegmentationClass/` (palette PNGs, 0 = background,
   1..20 = classes, 255 = boundary) and `ImageSets/Segmentation/<split>.txt`.
 - `FolderSegmentation`: `images/`, `masks/<image stem>.png` and `concepts.csv` (columns `image,classes`, classes
-  separated by `;`) or `concepts.json` (`{"image.jpg": ["cat", "dog"]}`); mask value k = the k-th listed class.
+  separated by `;`; UTF-8, with or without a byte-order mark) or `concepts.json` (`{"image.jpg": ["cat", "dog"]}`);
+  mask value k = the k-th listed class. A row with a missing field or an extra one (a `,` where `;` separates
+  classes), an image listed twice, and two images that would share one mask file are errors naming the line.
+
+Cache keys are unique per image: the ImageNet index, the VOC name, or for a folder the sanitised name plus a hash of
+the exact file name (`a b.png` and `a_b.png` sanitise alike; `Cat.png` and `cat.png` meet on a case-insensitive disk).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -57,6 +63,11 @@ class Sample:
 
 def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "image"
+
+
+def unique_key(name: str) -> str:
+    """A file-name-safe key for `name`, distinct for distinct names: its readable part plus a hash of the exact name."""
+    return f"{safe_key(name)[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
 
 
 def check_mask(mask: np.ndarray, allowed: set[int], path: str) -> np.ndarray:
@@ -103,6 +114,11 @@ class ImageNetSegmentation:
     def key(self, i: int) -> str:
         return f"{i:05d}-{safe_key(self.ids[i])}"
 
+    def size(self, i: int) -> tuple[int, int]:
+        """(H, W) of the image, from its array's shape (stored (3, W, H), or (W, H) for grey)."""
+        shape = self.file[self.refs["img"][i]].shape
+        return shape[-1], shape[-2]
+
     def class_name(self, i: int) -> str:
         wnid = self.ids[i].split("_")[0]
         return WNID_NAMES.get(wnid, wnid)
@@ -142,6 +158,9 @@ class VOCSegmentation:
         if not split_file.is_file():
             raise FileNotFoundError(f"split file {split_file} not found; {VOC_SOURCE}")
         self.names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        twice = sorted({n for n in self.names if self.names.count(n) > 1}) if len(set(self.names)) < len(self) else []
+        if twice:
+            raise ValueError(f"{split_file} lists {twice[0]} twice; each image must be listed once")
         for name in self.names[:1] + self.names[-1:]:  # fail early on a half-unpacked folder
             for path in (self.image_path(name), self.mask_path(name)):
                 if not path.is_file():
@@ -158,6 +177,14 @@ class VOCSegmentation:
 
     def key(self, i: int) -> str:
         return safe_key(self.names[i])
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(H, W) of the image, from its header."""
+        path = self.image_path(self.names[i])
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found; {VOC_SOURCE}")
+        with Image.open(path) as image:
+            return image.height, image.width
 
     def label(self, i: int) -> tuple[np.ndarray, dict[int, str]]:
         path = self.mask_path(self.names[i])
@@ -190,35 +217,35 @@ class FolderSegmentation:
         self.items = self._read_index()
         names = sorted({c for _, classes in self.items for c in classes})
         self.class_names = ("background", *names)
+        masks: dict[str, str] = {}
         for image, _ in self.items:
             if not (self.root / "images" / image).is_file():
                 raise FileNotFoundError(f"{self.root / 'images' / image} (listed in the concepts file) not found")
+            stem = Path(image).stem
+            if stem in masks:
+                raise ValueError(f"{self.root}: images {masks[stem]} and {image} would share one mask, "
+                                 f"masks/{stem}.png; rename one of them")  # fmt: skip
+            masks[stem] = image
 
     def _read_index(self) -> list[tuple[str, list[str]]]:
         csv_path, json_path = self.root / "concepts.csv", self.root / "concepts.json"
         if csv_path.is_file():
-            with open(csv_path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            if not rows or not {"image", "classes"} <= set(rows[0]):
-                raise ValueError(f"{csv_path}: needs a header with the columns image,classes; {FOLDER_LAYOUT}")
-            items = [(r["image"].strip(), [c.strip() for c in r["classes"].split(";") if c.strip()]) for r in rows]
-        elif json_path.is_file():
-            data = json.loads(json_path.read_text())
-            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-                raise ValueError(f"{json_path}: must map each image file name to a list of classes; {FOLDER_LAYOUT}")
-            items = [(k, [str(c).strip() for c in v]) for k, v in data.items()]
-        else:
-            raise FileNotFoundError(f"no concepts.csv or concepts.json in {self.root}; {FOLDER_LAYOUT}")
-        for image, classes in items:
-            if not classes or len(set(classes)) != len(classes):
-                raise ValueError(f"{self.root}: image {image} needs a non-empty list of distinct classes")
-        return items
+            return read_concepts_csv(csv_path)
+        if json_path.is_file():
+            return read_concepts_json(json_path)
+        raise FileNotFoundError(f"no concepts.csv or concepts.json in {self.root}; {FOLDER_LAYOUT}")
 
     def __len__(self) -> int:
         return len(self.items)
 
     def key(self, i: int) -> str:
-        return safe_key(Path(self.items[i][0]).stem)
+        return unique_key(self.items[i][0])
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(H, W) of the image, from its header."""
+        path = self.root / "images" / self.items[i][0]
+        with Image.open(path) as image:
+            return image.height, image.width
 
     def label(self, i: int) -> tuple[np.ndarray, dict[int, str]]:
         image, classes = self.items[i]
@@ -250,6 +277,76 @@ class FolderSegmentation:
 
     def describe(self) -> dict:
         return {"dataset": "folder", "path": str(self.root), "images": len(self), "classes": list(self.class_names)}
+
+
+def read_concepts_csv(path: Path) -> list[tuple[str, list[str]]]:
+    """Rows `image,classes` (classes separated by `;`) after a header naming those columns; blank lines skipped."""
+    usage = "each line is image,classes with the classes separated by ';' (two.png,dog;cat)"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is dropped
+            reader = csv.reader(f)
+            lines = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: {error}; {usage}") from None
+    if not lines:
+        raise ValueError(f"{path} is empty; it needs a header line image,classes and one line per image")
+    header = [cell.strip().lower() for cell in lines[0][1]]
+    if "image" not in header or "classes" not in header:
+        raise ValueError(f"{path}: the first line must name the columns image,classes, got {','.join(header)}")
+    column, first_line = {name: header.index(name) for name in ("image", "classes")}, {}
+    items = []
+    for number, row in lines[1:]:
+        where = f"{path} line {number}"
+        if len(row) > len(header):
+            raise ValueError(f"{where} has {len(row)} fields ({','.join(row)}) where the header has {len(header)}: "
+                             f"{usage}; quote a file name that holds a comma")  # fmt: skip
+        image = row[column["image"]].strip() if len(row) > column["image"] else ""
+        classes = row[column["classes"]] if len(row) > column["classes"] else ""
+        if not image or not classes.strip():
+            missing = "image" if not image else "classes"
+            raise ValueError(f"{where} ({','.join(row)}) has no {missing}: {usage}")
+        if image in first_line:
+            raise ValueError(f"{path} lists {image} twice (lines {first_line[image]} and {number}); list each once")
+        first_line[image] = number
+        items.append((image, check_classes([c.strip() for c in classes.split(";") if c.strip()], where)))
+    if not items:
+        raise ValueError(f"{path} lists no images: {usage}")
+    return items
+
+
+def read_concepts_json(path: Path) -> list[tuple[str, list[str]]]:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"{path} lists {twice[0]} twice; list each image once")
+        return dict(pairs)
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {FOLDER_LAYOUT}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: must map each image file name to a list of classes; {FOLDER_LAYOUT}")
+    items = []
+    for image, classes in data.items():
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f'{path}: {image} must map to a list of class names (strings), like ["cat", "dog"]')
+        items.append((image, check_classes([c.strip() for c in classes if c.strip()], f"{path} entry {image}")))
+    return items
+
+
+def check_classes(classes: list[str], where: str) -> list[str]:
+    if not classes:
+        raise ValueError(f"{where}: the image needs at least one class")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ValueError(f"{where}: class {twice[0]} is listed twice for one image")
+    return classes
 
 
 def open_dataset(kind: str, path: str | Path, split: str = "val"):

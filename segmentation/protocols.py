@@ -90,6 +90,9 @@ class Protocol:
             raise ValueError(f"Protocol.t = {self.t}: the noise level must lie in [0, 1]")
         if self.num_samples < 1:
             raise ValueError(f"Protocol.num_samples = {self.num_samples}: need at least one noise sample")
+        if not 0 <= self.seed <= 2**63 - self.num_samples:
+            raise ValueError(f"Protocol.seed = {self.seed}: seeds {self.seed}..{self.seed + self.num_samples - 1} must "
+                             f"lie in [0, 2**63)")  # fmt: skip
         if not self.resize or any(s % 16 or s <= 0 or m not in RESAMPLING for s, m in self.resize):
             raise ValueError(f"Protocol.resize = {self.resize}: give (size, {'|'.join(RESAMPLING)}) pairs, the last "
                              "size a positive multiple of 16 (sizes must be multiples of 16)")  # fmt: skip
@@ -142,9 +145,12 @@ def load_class_map(spec: str) -> dict[str, str]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"class map {spec!r}: neither {', '.join(CLASS_MAPS)} nor a JSON file")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError(f"{path}: a class map is a JSON object {{class name: concept word}}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as error:  # invalid JSON or not UTF-8
+        raise ValueError(f"{path} is not a JSON file ({error}); a class map is {{class name: concept word}}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise ValueError(f"{path}: a class map is a JSON object {{class name: concept word}} (non-empty strings)")
     return data
 
 
@@ -154,7 +160,7 @@ def concepts_for(protocol: Protocol, classes: list[str], class_map: dict[str, st
     words = []
     for c in classes:
         if c not in class_map and name_map != "none":
-            raise KeyError(f"class {c!r} has no concept in the {name_map} class map; pass --class-map FILE.json")
+            raise ValueError(f"class {c!r} has no concept in the {name_map} class map; pass --class-map FILE.json")
         words.append(class_map.get(c, c))
     background = [w for w in protocol.background if w not in words]  # a class word wins over a background word
     owners = [None] * len(background)

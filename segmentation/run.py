@@ -4,7 +4,14 @@ A `Method` is one way to turn the explain forward into maps: saliency space, sof
 Methods with the same t share one forward per image: the pipeline is called once with `keep_grid=True` and every
 method's maps come from `result.select(space, softmax, layers)`. Those maps are cached per image under
 `OUT/cache/<forward hash>/<image key>.pt` (written atomically), so an interrupted run picks up where it stopped and a
-later run with more methods only computes what is missing.
+later run with more methods only computes what is missing. Each entry records what made it: the forward settings
+(model, a fingerprint of its weight files, dtype, t, samples, seed, normalisation, token rule, resizes), a hash of the
+image fed to the model, the concepts and the caption; an entry that differs in any of them is recomputed, and a
+damaged one is named on stderr and recomputed.
+
+Everything that can be checked without the model is checked first (`prepare`): the methods, the output folder, every
+selected image's size against its mask and its concepts under the class map. The command line then checks the layers
+against the checkpoint's config before loading the weights.
 
 Sharding: rank r of w takes every w-th selected image (`RANK`/`WORLD_SIZE` from torchrun, or explicit arguments) and
 writes `OUT/shards/rank-r-of-w.json` with per-image sufficient statistics (intersections, unions, correct, labelled and
@@ -19,8 +26,10 @@ import hashlib
 import itertools
 import json
 import os
+import re
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +49,30 @@ from .protocols import (
     upsample_nearest,
 )
 
+SPACES = ("output", "attention", "value", "cross_attention")
+BUILTIN_MODEL = Path(__file__).resolve().parents[1] / "shapes" / "weights"
+
 
 @dataclass(frozen=True)
 class Method:
     space: str = "output"
     softmax: bool = True
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None  # None = every double block
     t: float = 0.5
     blur: bool = False
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ValueError(f"method space {self.space!r}; choose one of {', '.join(SPACES)}")
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError(f"t = {self.t:g}: the noise level must lie in [0, 1]")
+        if self.layers is not None:
+            layers = tuple(int(i) for i in self.layers)
+            if not layers:
+                raise ValueError("layers = (): name at least one double block, or None (--layers all) for every one")
+            if min(layers) < 0 or len(set(layers)) != len(layers):
+                raise ValueError(f"layers {list(layers)}: give distinct block indices from 0")
+            object.__setattr__(self, "layers", layers)
 
     @property
     def name(self) -> str:
@@ -67,14 +92,31 @@ def format_layers(layers: tuple[int, ...]) -> str:
 
 
 def parse_layers(text: str) -> tuple[int, ...] | None:
-    """'all' -> None, '14-17' -> (14, 15, 16, 17), '3,5' -> (3, 5)."""
-    if text == "all":
+    """'all' -> None, '14-17' -> (14, 15, 16, 17), '3,5' -> (3, 5), '0-2,5' -> (0, 1, 2, 5)."""
+    if text.strip().lower() == "all":
         return None
-    out = []
+    usage = "give a block (18), a range (14-17), a list (3,5) or all"
+    out: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ValueError(f"layers {text!r}: {part.strip()!r} is not a block index or a range; {usage}")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            raise ValueError(f"layers {text!r}: the range {lo}-{hi} is empty (it runs downwards); write {hi}-{lo}")
+        out += range(lo, hi + 1)
+    twice = sorted({i for i in out if out.count(i) > 1})
+    if twice:
+        raise ValueError(f"layers {text!r}: block {twice[0]} is named twice; {usage}")
     return tuple(out)
+
+
+def check_layers(methods: list[Method], depth: int, where: str) -> None:
+    """Every method's layers exist among the model's `depth` double blocks."""
+    for m in methods:
+        if m.layers is not None and max(m.layers) >= depth:
+            raise ValueError(f"layers {format_layers(m.layers)}: {where} has {depth} double blocks (0-{depth - 1}); "
+                             "pass --layers within them, or all")  # fmt: skip
 
 
 def method_grid(spaces, softmax, layers, ts, blur) -> list[Method]:
@@ -86,42 +128,159 @@ def digest(data) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def select_images(dataset, protocol: Protocol, limit: int | None) -> list[int]:
-    """Indices scored under the protocol: binary tasks keep images whose resized label holds exactly one class."""
-    chosen = []
+def check_out(out: str | Path) -> Path:
+    """The output folder, created, after a test that it can be written (not a file, not read-only)."""
+    if not str(out).strip():
+        raise ValueError("the output folder is empty: name one (--out runs/NAME)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file: name a folder (--out)")
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to the output folder {out} ({error.strerror}); choose another --out") from None
+    return out
+
+
+@dataclass
+class Plan:
+    """A run checked before the model loads: the selected images and, for this rank's, their concepts and captions."""
+
+    dataset: object
+    protocol: Protocol
+    methods: list[Method]
+    out: Path
+    class_map: str
+    selected: list[int]
+    rank: int
+    world_size: int
+    class_names: tuple[str, ...]
+    config: dict
+    concepts: dict[int, tuple[list[str], str, list]] = field(repr=False)  # image -> (concepts, caption, owners)
+
+    @property
+    def mine(self) -> list[int]:
+        return self.selected[self.rank :: self.world_size]
+
+
+def protocol_label(mask: np.ndarray, classes: dict[int, str], protocol: Protocol) -> tuple[np.ndarray, list[str]]:
+    """The label at the protocol's size and the classes present in it (binary tasks: object = 1)."""
+    label = resize_label(mask, protocol.label_size)
+    present = [classes[v] for v in sorted(set(np.unique(label).tolist()) - {0, 255})]
+    if protocol.task == "binary":
+        label = np.where(label == 255, 255, (label != 0).astype(np.uint8))
+    return label, present
+
+
+def prepare(dataset, protocol: Protocol, methods: list[Method], out: str | Path, limit: int | None = None,
+            rank: int = 0, world_size: int = 1, class_map: str | None = None,
+            model: str = "custom") -> Plan:  # fmt: skip
+    """Check everything that needs no model: shards, methods, the output folder, the images (binary tasks keep those
+    whose resized label holds exactly one class), each image's size against its mask, and every concept list."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}: need world size >= 1 and 0 <= rank < world size")
+    if not methods:
+        raise ValueError("no methods to score: give at least one space, softmax, layers, t and blur choice")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit = {limit}: score at least one image (or no limit)")
+    binary = protocol.task == "binary"
+    if not binary and getattr(dataset, "class_names", None) is None:
+        raise ValueError(f"protocol {protocol.name} is multi-class; this dataset has binary masks only")
+    out = check_out(out)
+    class_map = class_map or protocol.class_map
+    names = load_class_map(class_map)
+    selected, concepts = [], {}
     for i in range(len(dataset)):
-        if limit is not None and len(chosen) >= limit:
+        if limit is not None and len(selected) >= limit:
             break
-        if protocol.task == "binary":
-            values = set(np.unique(resize_label(dataset.label(i)[0], protocol.label_size)).tolist()) - {0, 255}
-            if len(values) != 1:
-                continue
-        chosen.append(i)
-    return chosen
+        mask, classes = dataset.label(i)
+        _, present = protocol_label(mask, classes, protocol)
+        if binary and len(present) != 1:
+            continue
+        selected.append(i)
+        size = dataset.size(i) if hasattr(dataset, "size") else mask.shape
+        if size != mask.shape:
+            raise ValueError(f"image {dataset.key(i)} is {size} (H, W) and its mask {mask.shape}; they must match")
+        if (len(selected) - 1) % world_size == rank:
+            concepts[i] = concepts_for(protocol, present, names, class_map)
+    if not selected:
+        rule = "whose label holds exactly one class" if binary else ""
+        raise ValueError(f"no image of the dataset qualifies under {protocol.name} (it scores images {rule})")
+    config = {"protocol": protocol.to_json(), "dataset": dataset.describe(), "model": model, "class_map": class_map,
+              "limit": limit, "selected": len(selected), "methods": [m.name for m in methods]}  # fmt: skip
+    class_names = ("background", "object") if binary else tuple(dataset.class_names)
+    return Plan(dataset, protocol, methods, out, class_map, selected, rank, world_size, class_names, config, concepts)
+
+
+def weights_fingerprint(source: str) -> str | None:
+    """Names, sizes and the first and last MiB of the model's weight, config and tokenizer files, hashed: another or a
+    retrained model changes it, without reading 34 GB. None when the source is not a file, folder or cached hub id."""
+    path = BUILTIN_MODEL if source == "shapes" else Path(source).expanduser()
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        from weights.find import cached_snapshot, hub_cache_dir
+
+        path = cached_snapshot(source, hub_cache_dir()) or path
+    if not path.exists():
+        return None
+    kinds = (".safetensors", ".json", ".model", ".txt")
+    files = [path] if path.is_file() else sorted(p for p in (*path.glob("*"), *path.glob("*/*")) if p.suffix in kinds)
+    h, mib = hashlib.sha1(), 2**20
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(path.parent if path.is_file() else path)}:{size}:".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(mib))
+            if size > mib:
+                f.seek(max(mib, size - mib))
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def image_hash(image) -> str:
+    return hashlib.sha1(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()[:16]
 
 
 class MapCache:
-    """Per-image maps of each `select_key`, for one forward configuration (t, samples, seed, model, concepts...)."""
+    """Per-image maps of each `select_key`, for one forward configuration (model, weights, dtype, t, samples, seed...);
+    each entry also records the image it was computed from, its concepts and caption."""
 
     def __init__(self, root: Path, forward: dict):
-        self.forward = forward
+        self.forward = json.dumps(forward, sort_keys=True, default=str)
         self.dir = root / "cache" / digest(forward)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "forward.json").write_text(json.dumps(forward, indent=1, default=str))
+        self.stale, self.damaged = 0, 0
 
-    def load(self, key: str, concepts: list[str], caption: str) -> dict[str, torch.Tensor]:
+    def record(self, image, concepts: list[str], caption: str) -> dict:
+        return {"forward": self.forward, "image": image_hash(image), "concepts": list(concepts), "caption": caption}
+
+    def load(self, key: str, record: dict) -> dict[str, torch.Tensor]:
         path = self.dir / f"{key}.pt"
         if not path.is_file():
             return {}
-        data = torch.load(path, weights_only=True)
-        if data["concepts"] != concepts or data["caption"] != caption:
-            return {}  # written under another concept list: recompute
-        return data["maps"]
+        try:
+            data = torch.load(path, weights_only=True)
+            found, maps = {k: data[k] for k in record}, data["maps"]
+            if not isinstance(maps, dict) or not all(isinstance(v, torch.Tensor) for v in maps.values()):
+                raise TypeError("its maps are not a dict of tensors")
+        except Exception as error:  # truncated, not a torch file, or another layout: any of these means recompute
+            reason = (str(error).strip().splitlines() or [""])[0]
+            print(f"warning: cache file {path} is damaged ({type(error).__name__}: {reason}); recomputing it",
+                  file=sys.stderr)  # fmt: skip
+            self.damaged += 1
+            return {}
+        if found != record:  # another image, concept list or caption under the same key: recompute
+            self.stale += 1
+            return {}
+        return maps
 
-    def save(self, key: str, concepts: list[str], caption: str, maps: dict[str, torch.Tensor]) -> None:
+    def save(self, key: str, record: dict, maps: dict[str, torch.Tensor]) -> None:
         path = self.dir / f"{key}.pt"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"concepts": concepts, "caption": caption, "maps": maps}, tmp)
+        torch.save({**record, "maps": maps}, tmp)
         os.replace(tmp, path)
 
 
@@ -130,7 +289,8 @@ def forward_maps(pipe, cache: MapCache, key: str, image, concepts: list[str], ca
     """Maps for every method at this t, from the cache or from one explain forward (whose grid serves them all)."""
     from concept_attention import Settings
 
-    maps = cache.load(key, concepts, caption)
+    record = cache.record(image, concepts, caption)
+    maps = cache.load(key, record)
     missing = [m for m in methods if m.select_key not in maps]
     if missing:
         settings = Settings(space=missing[0].space, softmax=missing[0].softmax, normalize=protocol.normalize,
@@ -139,7 +299,7 @@ def forward_maps(pipe, cache: MapCache, key: str, image, concepts: list[str], ca
                               seed=protocol.seed, settings=settings, keep_grid=True, progress=False)  # fmt: skip
         for m in missing:
             maps[m.select_key] = result.select(space=m.space, softmax=m.softmax, layers=m.layers).float().cpu()
-        cache.save(key, concepts, caption, maps)
+        cache.save(key, record, maps)
     return maps
 
 
@@ -167,89 +327,126 @@ def run(pipe, dataset, protocol: Protocol, methods: list[Method], out: str | Pat
         rank: int = 0, world_size: int = 1, class_map: str | None = None, model: str = "custom",
         progress: bool = True) -> dict | None:  # fmt: skip
     """Score `methods` on this rank's share of the images; merge and return the results once every shard is in."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    if not methods:
-        raise ValueError("no methods to score: give at least one space, softmax, layers, t and blur choice")
-    out = Path(out)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    class_map = class_map or protocol.class_map
-    names = load_class_map(class_map)
-    selected = select_images(dataset, protocol, limit)
-    config = {"protocol": protocol.to_json(), "dataset": dataset.describe(), "model": model, "class_map": class_map,
-              "limit": limit, "selected": len(selected), "methods": [m.name for m in methods]}  # fmt: skip
+    plan = prepare(dataset, protocol, methods, out, limit, rank, world_size, class_map, model)
+    return run_plan(pipe, plan, progress)
+
+
+def run_plan(pipe, plan: Plan, progress: bool = True) -> dict | None:
+    """Run a prepared plan; merge and return the results once every shard of this run's settings is in."""
+    protocol, methods, out, dataset = plan.protocol, plan.methods, plan.out, plan.dataset
+    flux = getattr(pipe, "flux", None)
+    if flux is not None:
+        check_layers(methods, flux.config.depth, f"the model {plan.config['model']}")
+    source = str(getattr(pipe, "source", plan.config["model"]))
+    config = {**plan.config, "weights": weights_fingerprint(source), "dtype": str(getattr(pipe, "dtype", None))}
+    hashed = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "path"}}  # paths may differ
+    config_hash = digest(hashed)
+    if previous_hash(out) not in (None, config_hash):
+        print(f"note: {out}/results.json holds a run with other settings; this run replaces it when all its shards "
+              "are in", file=sys.stderr)  # fmt: skip
     caches = {}
     for t in sorted({m.t for m in methods}):
-        forward = {"model": model, "t": t, "num_samples": protocol.num_samples, "seed": protocol.seed,
-                   "normalize": protocol.normalize, "token_rule": protocol.token_rule, "resize": protocol.resize,
+        forward = {"model": config["model"], "weights": config["weights"], "dtype": config["dtype"], "t": t,
+                   "num_samples": protocol.num_samples, "seed": protocol.seed, "normalize": protocol.normalize,
+                   "token_rule": protocol.token_rule, "resize": protocol.resize,
                    "dataset": config["dataset"]["dataset"]}  # fmt: skip
         caches[t] = MapCache(out, forward)
     binary = protocol.task == "binary"
-    if not binary and getattr(dataset, "class_names", None) is None:
-        raise ValueError(f"protocol {protocol.name} is multi-class; this dataset has binary masks only")
-    class_names = ("background", "object") if binary else dataset.class_names
-    class_index = {} if binary else {name: i for i, name in enumerate(class_names)}
+    class_index = {} if binary else {name: i for i, name in enumerate(plan.class_names)}
     stats: dict[str, list[metrics.ImageStats]] = {m.name: [] for m in methods}
-    mine = selected[rank::world_size]
+    mine = plan.mine
     if progress:
         from tqdm.auto import tqdm
 
-        mine = tqdm(mine, desc=f"{protocol.name} rank {rank}/{world_size}", unit="image", position=rank)
+        mine = tqdm(mine, desc=f"{protocol.name} rank {plan.rank}/{plan.world_size}", unit="image", position=plan.rank)
     for i in mine:
         sample = dataset[i]
-        label = resize_label(sample.mask, protocol.label_size)
-        present = [sample.classes[v] for v in sorted(set(np.unique(label).tolist()) - {0, 255})]
-        if binary:
-            label = np.where(label == 255, 255, (label != 0).astype(np.uint8))
-        concepts, caption, owners = concepts_for(protocol, present, names, class_map)
+        label, _ = protocol_label(sample.mask, sample.classes, protocol)
+        concepts, caption, owners = plan.concepts[i]
         image = resize_image(sample.image, protocol.resize)
         for t, cache in caches.items():
             group = [m for m in methods if m.t == t]
             maps = forward_maps(pipe, cache, sample.key, image, concepts, caption, protocol, t, group)
             for m in group:
-                pred, scores = score(m, maps[m.select_key], owners, label, protocol, len(class_names), class_index)
-                s = metrics.image_stats(i, sample.key, pred, label, len(class_names), scores)
+                pred, scores = score(m, maps[m.select_key], owners, label, protocol, len(plan.class_names),
+                                     class_index)  # fmt: skip
+                s = metrics.image_stats(i, sample.key, pred, label, len(plan.class_names), scores)
                 s.extra = {"concepts": concepts, "caption": caption}
                 stats[m.name].append(s)
-    hashed = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "path"}}  # paths may differ
-    shard = {"config": config, "config_hash": digest(hashed), "rank": rank, "world_size": world_size,
-             "indices": selected[rank::world_size], "class_names": list(class_names),
+    for cache in caches.values():
+        if cache.stale:
+            print(f"note: {cache.stale} cached entries in {cache.dir} were made from another image, concept list or "
+                  "caption and were recomputed", file=sys.stderr)  # fmt: skip
+    shard = {"config": config, "config_hash": config_hash, "rank": plan.rank, "world_size": plan.world_size,
+             "indices": plan.mine, "class_names": list(plan.class_names),
              "methods": [{"name": m.name, "settings": asdict(m)} for m in methods],
              "stats": {name: [s.to_json() for s in v] for name, v in stats.items()}}  # fmt: skip
-    path = out / "shards" / f"rank-{rank}-of-{world_size}.json"
+    path = out / "shards" / f"rank-{plan.rank}-of-{plan.world_size}.json"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(shard))
     os.replace(tmp, path)
-    shards = sorted((out / "shards").glob(f"rank-*-of-{world_size}.json"))
-    return merge(out, world_size) if len(shards) == world_size else None
+    done = len(same_run(out, plan.world_size, config_hash)) == plan.world_size
+    return merge(out, plan.world_size, config_hash) if done else None
 
 
-def merge(out: str | Path, world_size: int | None = None) -> dict:
-    """Combine the shard files of one run (same settings) into results.json and results.md."""
+def previous_hash(out: Path) -> str | None:
+    """The settings hash of the results already in OUT ("" when they are unreadable or older; None when absent)."""
+    try:
+        return json.loads((out / "results.json").read_text()).get("config_hash", "")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def same_run(out: Path, world_size: int, config_hash: str) -> list[Path]:
+    """The shard files of `world_size` in OUT/shards written with these settings (others are an earlier run's)."""
+    files = sorted((out / "shards").glob(f"rank-*-of-{world_size}.json"))
+    return [f for f in files if json.loads(f.read_text()).get("config_hash") == config_hash]
+
+
+def merge(out: str | Path, world_size: int | None = None, config_hash: str | None = None) -> dict:
+    """Combine the shard files of one run (same settings) into results.json and results.md; with `config_hash`, only
+    the shards of those settings (others are left from an earlier run into the same folder)."""
     out = Path(out)
     files = sorted((out / "shards").glob("rank-*-of-*.json"))
-    if world_size is None and files:
+    if not files:
+        raise FileNotFoundError(f"no shard files in {out / 'shards'}: run `python -m segmentation run` into it first")
+    if world_size is None:
         world_size = max(int(f.stem.rsplit("-", 1)[1]) for f in files)
-    files = [f for f in files if f.stem.endswith(f"-of-{world_size}")]
-    shards = [json.loads(f.read_text()) for f in files]
+    shards = []
+    for f in files:
+        if f.stem.endswith(f"-of-{world_size}"):
+            try:
+                shards.append(json.loads(f.read_text()))
+            except ValueError as error:
+                raise ValueError(f"shard file {f} is damaged ({error}); rerun its rank") from None
+    if config_hash is not None:
+        shards = [s for s in shards if s.get("config_hash") == config_hash]
     if len(shards) != world_size:
         have = sorted(s["rank"] for s in shards)
         raise FileNotFoundError(f"{out / 'shards'}: {len(shards)} of {world_size} shards present (ranks {have})")
-    if len({s["config_hash"] for s in shards}) != 1:
-        raise ValueError(f"{out / 'shards'}: the shards were run with different settings; use one OUT per run")
+    hashes = sorted({s["config_hash"] for s in shards})
+    if len(hashes) != 1:
+        groups = "; ".join(f"ranks {sorted(s['rank'] for s in shards if s['config_hash'] == h)}" for h in hashes)
+        raise ValueError(f"{out / 'shards'}: the shards were run with different settings ({groups}); rerun the odd "
+                         "ranks with the same settings, or use one --out per run")  # fmt: skip
     first = shards[0]
     config, protocol = first["config"], first["config"]["protocol"]
     indices = sorted(i for s in shards for i in s["indices"])
     if len(indices) != config["selected"] or len(set(indices)) != len(indices):
         raise ValueError(f"{out / 'shards'}: shards cover {len(indices)} images, the run selected {config['selected']}")
-    results = {"config": config, "world_size": world_size, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "definitions": metrics.DEFINITIONS, "methods": []}  # fmt: skip
+    results = {"config": config, "config_hash": first["config_hash"], "world_size": world_size,
+               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "definitions": metrics.DEFINITIONS,
+               "methods": []}  # fmt: skip
     for method in first["methods"]:
         stats = [metrics.ImageStats.from_json(d) for s in shards for d in s["stats"][method["name"]]]
         numbers = metrics.summarize(stats, tuple(first["class_names"]), tuple(protocol["paper"]))
         results["methods"].append({**method, "metrics": numbers})
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown_table(results))
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown_table(results))):
+        tmp = out / f"{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
     return results
 
 

@@ -346,7 +346,7 @@ def test_run_resume_and_shards(imagenet_file, tmp_path):
     methods = method_grid(["output", "value", "attention"], [True, False], [(14, 15, 16, 17)], [0.5, 0.25], [False])
     (tmp_path / "map.json").write_text(json.dumps(CLASS_MAP))
     class_map = str(tmp_path / "map.json")
-    with pytest.raises(KeyError, match="n02391049"):  # the shipped ImageNet map does not name a zebra
+    with pytest.raises(ValueError, match="n02391049"):  # the shipped ImageNet map does not name a zebra
         run(FakePipeline(protocol.background), data, protocol, methods, tmp_path / "x", class_map="imagenet")
 
     pipe = FakePipeline(protocol.background, fail_after=3)
@@ -406,7 +406,7 @@ def test_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr("segmentation.__main__.build_pipeline", fake_build)
     argv = ["run", "--dataset", "folder", "--data", str(tmp_path / "data"), "--protocol", "paper-voc-multi",
             "--methods", "output", "attention", "--softmax", "on", "off", "--layers", "0-2", "all", "--limit", "2",
-            "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--no-progress", "--model", "shapes"]  # fmt: skip
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
