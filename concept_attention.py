@@ -143,7 +143,7 @@ def text_warnings(tokenizer, max_length: int, prompt: str, concepts: list[str], 
     notes = []
     pieces = len(tokenizer.encode(prompt)) if prompt else 0
     if pieces > max_length:
-        notes.append(f"the prompt is {pieces} T5 tokens; only the first {max_length} are used")
+        notes.append(f"the prompt is {pieces} T5 tokens with its end token; only the first {max_length} are used")
     unk = unknown_ids(tokenizer)
     unknown = [c for c in concepts if set(tokenizer.encode(c)[:-1]) <= unk and set(tokenizer.encode(c)[:-1]) & unk]
     if unknown:

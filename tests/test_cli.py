@@ -80,16 +80,105 @@ def test_bad_explain_input(model_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     code, _, err = run(
-        capsys, "explain", "--model", model_dir, "--image", broken, "--concepts", "cat", "--out", tmp_path
+        capsys, "explain", "--model", model_dir, "--image", broken, "--concepts", "cat", "--out", tmp_path / "o"
     )
     assert code == 2 and "broken.png" in err and err.count("\n") == 1
     code, _, err = run(capsys, "explain", "--model", model_dir, "--image", tmp_path / "missing.png", "--concepts",
-                       "cat", "--out", tmp_path)  # fmt: skip
+                       "cat", "--out", tmp_path / "o")  # fmt: skip
     assert code == 2 and "missing.png" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_picks_a_size_says_so_and_records_it(model_dir, tmp_path, capsys):
     odd = tmp_path / "odd.png"
-    Image.new("RGB", (40, 32)).save(odd)
-    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", odd, "--concepts", "cat", "--out", tmp_path)
-    assert code == 2 and "width 40" in err and "--size" in err
+    Image.new("RGB", (1000, 333), "orange").save(odd)  # neither side a multiple of 16
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", odd, "--concepts", "cat", "sky", "--out",
+                       tmp_path / "out")  # fmt: skip
+    assert code == 0, err
+    assert "333x1000" in err and "336x1008" in err and "--size" in err
+    record = check_outputs(tmp_path / "out", ["cat", "sky"], (336, 1008))
+    assert record["input_size"] == [333, 1000] and record["size_rule"].startswith("auto")
+    assert odd.is_file()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the weights fails the test: everything below must be refused before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(concept_attention.ConceptAttentionPipeline, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layers", "3"], "--layers [3]: this model has 3 double blocks"),
+        (["--samples", "2", "--steps-used", "2"], "only 2 noise samples"),
+        (["--t", "1.5"], "t = 1.5"),
+        (["--samples", "0"], "--samples = 0"),
+        (["--seed", "-1"], "seed = -1"),
+        (["--seed", str(2**63 - 1), "--samples", "2"], "must lie in 0 .. 2^63 - 1"),
+        (["--dtype", "float16"], "float16"),
+        (["--device", "gpu"], "is not a device"),
+        (["--size", "8192"], "size 8192x8192 needs about"),
+        (["--size", "40"], "not a multiple of 16"),
+        (["--out", ""], "output folder name is empty"),
+    ],
+)
+def test_explain_arguments_are_checked_before_loading(model_dir, tmp_path, capsys, no_loading, argv, message):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(image)
+    if "--out" not in argv:
+        argv = [*argv, "--out", tmp_path / "out"]
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky", *argv)
+    assert code == 2 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_absent_devices_are_one_line_errors(model_dir, tmp_path, capsys, no_loading, device):
+    present = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
+    if present:
+        pytest.skip(f"this machine has {device}")
+    code, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "a cat", "--concepts", "cat", "sky",
+                       "--device", device, "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and f"device {device}" in err and err.count("\n") == 1
+
+
+def test_generate_bounds_num_steps_before_loading(model_dir, tmp_path, capsys, no_loading):
+    code, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "a cat", "--concepts", "cat", "sky",
+                       "--num-steps", "1000000000000", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "--num-steps = 1000000000000: give a number from 1 to 1000" in err
+
+
+def test_output_folder_is_checked_before_loading(model_dir, tmp_path, capsys, no_loading):
+    result = tmp_path / "result"
+    result.mkdir()
+    image = result / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky", "--out",
+                       result)  # fmt: skip
+    assert code == 2 and "lies inside the output folder" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky", "--out",
+                       tmp_path / "file")  # fmt: skip
+    assert code == 2 and "is a file" in err
+    assert image.is_file() and (tmp_path / "file").read_text() == "x"
+
+
+def test_rerun_replaces_the_earlier_result_and_warns_on_text(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["generate", "--model", model_dir, "--prompt", "a cat", "--size", "32", "--num-steps", "1", "--out", out]
+    code, stdout, err = run(capsys, *argv, "--concepts", "cat", "sky", "grass")
+    assert code == 0 and stdout.startswith("wrote") and "warning" not in err
+    code, stdout, err = run(capsys, *argv, "--concepts", "dog")
+    assert code == 0 and stdout.startswith("replaced the earlier result in")
+    assert "warning: a single concept ('dog')" in err and "--no-softmax" in err
+    check_outputs(out, ["dog"], (32, 32))  # the first run's three maps are gone
+    code, stdout, err = run(capsys, *argv, "--concepts", "cat", "zzz", "--prompt", "a cat " * 20)
+    assert code == 0 and "only the first 16" in err and "'zzz'" in err and err.count("warning:") == 2
 
 
 def test_no_concepts_is_a_usage_error(capsys):
