@@ -35,7 +35,7 @@ from torch import Tensor
 
 import imaging
 from mmdit import ConceptInput, Flux
-from mmdit.memory import MEMORY_MODES, prepare_flux
+from mmdit.memory import MEMORY_MODES, prepare_flux, prepare_t5
 from saliency import (
     PRESETS,
     SPACES,
@@ -165,9 +165,10 @@ class ConceptAttentionPipeline:
     `clip` may be None (the pooled vector is then zero, as in the built-in shapes model). The modules are used in the
     dtype they were loaded in; `dtype` is that of the inputs (default: the transformer's). `memory` (one of
     `MEMORY_MODES`): "full" keeps everything on `device`; "offload" keeps the text encoders on the CPU, visiting
-    `device` only to encode, so the transformer need not share the card with T5; "stream" also streams the
-    transformer's blocks from pinned host memory (`mmdit.memory.stream_blocks`); "fp8" also stores the blocks' linear
-    weights in float8 (`mmdit.memory.to_fp8`). `offload=True` is the older spelling of memory="offload".
+    `device` only to encode (the transformer stays, so the peak is still both); "stream" streams the blocks of the
+    transformer and of T5 from pinned host memory (`mmdit.memory.stream_blocks`, `stream_t5`); "fp8" stores the
+    transformer's block weights in float8 (`mmdit.memory.to_fp8`) and streams T5's. `offload=True` is the older
+    spelling of memory="offload".
     """
 
     def __init__(self, flux: Flux, autoencoder, t5, t5_tokenizer, clip=None, clip_tokenizer=None, device=None,
@@ -179,7 +180,7 @@ class ConceptAttentionPipeline:
         self.flux, self.autoencoder = prepare_flux(flux, self.memory, self.device), autoencoder.to(self.device)
         self.offload = self.memory != "full"
         text_device = "cpu" if self.offload else self.device
-        self.t5, self.t5_tokenizer = t5.to(text_device), t5_tokenizer
+        self.t5, self.t5_tokenizer = prepare_t5(t5, self.memory, self.device).to(text_device), t5_tokenizer
         self.clip = clip.to(text_device) if clip is not None else None
         self.clip_tokenizer = clip_tokenizer
         self.max_length, self.source = max_length, source
@@ -287,10 +288,10 @@ class ConceptAttentionPipeline:
         if settings.steps is not None and max(settings.steps) >= num_steps:
             raise ValueError(f"steps {list(settings.steps)}: there are only {num_steps} sampling steps")
         self._check_memory(height, width)
+        layers = self._layers(settings, keep_grid)
         self._warn(prompt, concepts, settings)
         txt, y = self.encode_prompt(prompt)
         tokens, owner = self.encode_concepts(concepts, settings.token_rule)
-        layers = self._layers(settings, keep_grid)
         collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
         concept_input = self._concept_input(tokens, settings, layers, keep_grid)
         img = pack(get_noise(1, height, width, seed, self.device, self.dtype))  # (1, N, 64)
@@ -327,7 +328,7 @@ class ConceptAttentionPipeline:
 
     def _warn(self, prompt: str, concepts: list[str], settings: Settings) -> None:
         for note in text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax):
-            warnings.warn(note, InputWarning, stacklevel=3)
+            warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
 
     @torch.no_grad()
     def explain(self, image, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
@@ -365,10 +366,10 @@ class ConceptAttentionPipeline:
         if settings.steps is not None and max(settings.steps) >= num_samples:
             raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
         self._check_memory(height, width)
+        layers = self._layers(settings, keep_grid)
         self._warn(prompt, concepts, settings)
         txt, y = self.encode_prompt(prompt, pooled=False)
         tokens, owner = self.encode_concepts(concepts, settings.token_rule)
-        layers = self._layers(settings, keep_grid)
         collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
         concept_input = self._concept_input(tokens, settings, layers, keep_grid)
         ae_dtype = next(self.autoencoder.parameters()).dtype
@@ -459,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
         p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bf16 on GPU, fp32 on CPU")
         p.add_argument("--memory", choices=MEMORY_MODES, default="full",
-                       help="full; offload (text encoders on the CPU between uses); stream (offload + transformer "
-                       "blocks streamed from host memory); fp8 (offload + fp8 transformer weights)")  # fmt: skip
+                       help="full; offload (text encoders on the CPU between uses); stream (transformer and T5 "
+                       "blocks streamed from host memory); fp8 (fp8 transformer weights, T5 streamed)")  # fmt: skip
         p.add_argument("--offload", action="store_true", help="the same as --memory offload")
     return parser
 

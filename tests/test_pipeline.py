@@ -4,6 +4,7 @@ The maps are checked against an independent computation written here from the mo
 the inputs are known without running the concept stream), the image against plain sampling without concepts, and the
 averaging options against their definitions."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from concept_attention import PRESETS, Settings
+import mmdit
+from concept_attention import EXPLAIN_GUIDANCE, PRESETS, ConceptAttentionPipeline, InputWarning, Settings
 from mmdit.math import timestep_embedding
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
-from tiny import tiny_pipeline, train_spiece
+from tiny import randomize, tiny_pipeline, train_spiece
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,9 @@ def rope(x: torch.Tensor, ids: torch.Tensor, axes_dim, theta) -> torch.Tensor:
     return torch.stack((cos * even - sin * odd, sin * even + cos * odd), dim=-1).flatten(-2)
 
 
-def block0_spaces(pipe, image, concepts, prompt, t, seed):
-    """Block 0's four saliency spaces for explain(), computed from the weights: returns {space: (H, C, N)}."""
+def block0_spaces(pipe, image, concepts, prompt, t, seed, guidance=None):
+    """Block 0's four saliency spaces for explain(), computed from the weights: returns {space: (H, C, N)} (and the
+    value space per head as "value_heads"). `guidance` for a model with a guidance embedding."""
     flux, cfg = pipe.flux, pipe.flux.config
     blk, H = flux.double_blocks[0], cfg.num_heads
     height, width = image.height, image.width
@@ -88,6 +91,8 @@ def block0_spaces(pipe, image, concepts, prompt, t, seed):
     concept_tokens = pipe.t5(pipe.t5_tokenizer(concepts, max_length=pipe.max_length))[:, 0]  # one-piece words
     c = flux.txt_in(concept_tokens)[None]  # (1, C, hidden)
     temb = flux.time_in(timestep_embedding(torch.tensor([t]), 256))
+    if guidance is not None:
+        temb = temb + flux.guidance_in(timestep_embedding(torch.tensor([guidance]), 256))
     vec = temb + flux.vector_in(torch.zeros(1, cfg.vec_in_dim))  # explain uses the zero pooled vector for all
     img = flux.img_in(x_t)
 
@@ -116,6 +121,7 @@ def block0_spaces(pipe, image, concepts, prompt, t, seed):
         "output": torch.einsum("hcd,hnd->cn", o_c[0], o_x[0])[None],
         "attention": w[0, :, :, C:],
         "value": torch.einsum("hcd,hnd->cn", cv[0], iv[0])[None],
+        "value_heads": torch.einsum("hcd,hnd->hcn", cv[0], iv[0]),
         "cross_attention": torch.einsum("hcd,hnd->hcn", ck[0], iq[0]),
     }
 
@@ -196,3 +202,91 @@ def test_result_helpers_and_save(pipe, tmp_path):
     for name in ("image.png", "overlay.png", "maps.safetensors", "settings.json"):
         assert (out / name).is_file()
     assert len(list((out / "heatmaps").glob("*.png"))) == 3 and len(list((out / "masks").glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_official_value_space_is_softmax_per_head_then_head_mean(pipe, softmax):
+    # The official baseline: v_c . v_x per head, softmax over concepts per head, mean over heads. Ours by default sums
+    # the heads first (one softmax over the concatenated heads' dot product); both are checked against block 0.
+    image = photo(32, 48, seed=1)
+    per_head = block0_spaces(pipe, image, CONCEPTS, "a cat", 0.4, 5)["value_heads"]  # (H, C, N)
+    for value_per_head, expected in [
+        (True, (per_head.softmax(1) if softmax else per_head).mean(0)),
+        (False, per_head.sum(0).softmax(0) if softmax else per_head.sum(0)),
+    ]:
+        settings = Settings(space="value", softmax=softmax, layers=(0,), token_rule="first",
+                            value_per_head=value_per_head)  # fmt: skip
+        result = pipe.explain(image, CONCEPTS, prompt="a cat", t=0.4, seed=5, settings=settings, progress=False)
+        expected = expected.reshape(result.maps.shape)
+        err = (result.maps - expected).abs().max().item()
+        print(f"value per_head={value_per_head} softmax={softmax}: max abs error {err:.2e}")
+        assert err <= 1e-4 * max(1.0, expected.abs().max().item())
+    assert PRESETS["paper-imagenet"].value_per_head and not Settings().value_per_head
+
+
+@pytest.fixture(scope="module")
+def guided(pipe):
+    """The tiny pipeline with a transformer that has a guidance embedding, as FLUX.1-dev has."""
+    config = dataclasses.replace(pipe.flux.config, guidance_embed=True)
+    flux = randomize(mmdit.Flux(config), seed=11)
+    return ConceptAttentionPipeline(flux, pipe.autoencoder, pipe.t5, pipe.t5_tokenizer, device="cpu",
+                                    max_length=pipe.max_length, source="tiny-guided")  # fmt: skip
+
+
+def test_explain_feeds_the_guidance_it_is_given(pipe, guided):
+    image, settings = photo(32, 48, seed=2), Settings(softmax=False, layers=(0,), token_rule="first")
+    expected = {
+        g: block0_spaces(guided, image, CONCEPTS, "a cat", 0.4, 5, guidance=g)["output"].mean(0) for g in (0.0, 3.5)
+    }
+    assert EXPLAIN_GUIDANCE == 3.5
+    for guidance in (None, 0.0):  # None: the default
+        kwargs = {} if guidance is None else {"guidance": guidance}
+        result = guided.explain(image, CONCEPTS, prompt="a cat", t=0.4, seed=5, settings=settings, progress=False,
+                                **kwargs)  # fmt: skip
+        fed = EXPLAIN_GUIDANCE if guidance is None else guidance
+        want, other = (expected[g].reshape(result.maps.shape) for g in (fed, 3.5 - fed))
+        err = (result.maps - want).abs().max().item()
+        print(f"guidance {fed}: max abs error {err:.2e}, to the other guidance {(want - other).abs().max():.2e}")
+        assert err <= 1e-4 * max(1.0, want.abs().max().item()) < (want - other).abs().max().item()
+        assert result.record["guidance"] == fed
+    plain = pipe.explain(image, CONCEPTS, settings=settings, progress=False, guidance=7.0)  # no guidance embedding
+    assert plain.record["guidance"] is None
+
+
+def test_api_checks(pipe):
+    grid = pipe.explain(photo(), CONCEPTS, keep_grid=True, progress=False)
+    for selection in ({"layers": ()}, {"steps": ()}, {"layers": "12"}):
+        with pytest.raises(ValueError, match="layers|steps"):
+            grid.select(**selection)
+    assert torch.isfinite(grid.select(layers=(1,))).all()
+    for kwargs, message in [({"t": 1.5}, "t = 1.5"), ({"num_samples": 0}, "num_samples = 0"),
+                            ({"num_samples": 1.5}, "whole number"), ({"seed": -1}, "seed = -1")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            pipe.explain(photo(), CONCEPTS, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="num_steps = 1000000000000"):
+        pipe.generate("a cat", CONCEPTS, 32, 32, num_steps=10**12, progress=False)
+    with pytest.raises(ValueError, match="must be a string"):
+        pipe.explain(photo(), ["cat", None], progress=False)
+
+
+def test_explain_image_inputs(pipe):
+    raw = Settings(softmax=False)  # the tiny random model saturates the softmax
+    image = photo(32, 48, seed=3)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    reference = pipe.explain(image, CONCEPTS, settings=raw, progress=False).maps
+    assert torch.allclose(pipe.explain(x, CONCEPTS, settings=raw, progress=False).maps, reference, atol=1e-6)
+    with pytest.raises(ValueError, match=r"takes \[0, 1\]"):
+        pipe.explain(x * 2 - 1, CONCEPTS, settings=raw, progress=False)  # [-1, 1] is refused, not clamped
+    rgba = image.convert("RGBA")
+    rgba.putalpha(128)
+    over_white = Image.alpha_composite(Image.new("RGBA", image.size, "white"), rgba).convert("RGB")
+    got = pipe.explain(rgba, CONCEPTS, settings=raw, progress=False).maps
+    assert torch.allclose(got, pipe.explain(over_white, CONCEPTS, settings=raw, progress=False).maps, atol=1e-6)
+    assert not torch.allclose(got, reference, atol=1e-3)
+    odd = pipe.explain(photo(40, 56), CONCEPTS, settings=raw, progress=False)  # not multiples of 16: resized, recorded
+    assert odd.maps.shape == (3, 3, 4) and odd.record["input_size"] == [40, 56] and odd.image.size == (64, 48)
+
+
+def test_single_concept_warns(pipe):
+    with pytest.warns(InputWarning, match="background"):
+        pipe.explain(photo(), ["cat"], progress=False)
