@@ -64,15 +64,14 @@ def world_concepts(world: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def isolation_mask(batch: int, text: int, image: int, share: float, generator: torch.Generator) -> Tensor | None:
     """Joint-attention masks (B, T+N, T+N) for a batch: in a random `share` of the samples no image token may attend
     to another image token (only to itself and the text), so the text tokens become the image tokens' only channel to
-    each other (the research log's r10); None when `share` is 0."""
+    each other (the research log's r10); None when `share` is 0. Built on the generator's device."""
     if share == 0:
         return None
-    L = text + image
-    is_image = torch.arange(L) >= text
-    image_pairs = is_image[:, None] & is_image[None, :] & ~torch.eye(L, dtype=torch.bool)  # (L, L)
-    mask = torch.ones(batch, L, L, dtype=torch.bool)
-    mask[torch.rand(batch, generator=generator) < share] = ~image_pairs
-    return mask
+    L, device = text + image, generator.device
+    is_image = torch.arange(L, device=device) >= text
+    image_pairs = is_image[:, None] & is_image[None, :] & ~torch.eye(L, dtype=torch.bool, device=device)  # (L, L)
+    isolated = torch.rand(batch, generator=generator, device=device) < share  # (B,)
+    return ~(isolated[:, None, None] & image_pairs)  # (B, L, L), built on the generator's device
 
 
 def noised(latents: Tensor, t: float, seed: int) -> Tensor:

@@ -19,12 +19,11 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import sentencepiece
 import torch
 from einops import rearrange
@@ -35,12 +34,13 @@ from torch import Tensor
 from autoencoder import AutoEncoder, AutoEncoderConfig
 from mmdit import Flux, FluxConfig
 from sampling import image_ids, pack, text_ids
+from shapes import bank
 from shapes import eval as alignment
+from shapes.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from shapes.eval import isolation_mask
 from shapes.scenes import (
     WORLDS,
     SceneConfig,
-    caption_for,
     corpus,
     held_out_seeds,
     make_batch,
@@ -82,6 +82,9 @@ class Recipe:
     t_mean: float = 1.0  # location of the logit-normal: > 0 trains more at high noise, where the caption decides
     isolate: float = 0.0  # share of training samples whose image tokens attend only to themselves and the text
     isolate_anneal: float = 0.0  # if > 0: the share falls linearly from `isolate` to 0 over this fraction of the steps
+    caption_variants: int = 8  # captions drawn per training scene (with the options above), one picked per step
+    bf16: bool = False  # bf16 autocast for the training forward (weights and optimizer stay float32)
+    compile: bool = False  # torch.compile the transformer for training
     eval_isolated: bool = False  # evaluate with image tokens isolated (the regime of a model trained with isolate 1)
     sample_steps: int = 20  # the model's own sampling defaults (Euler steps, shifted schedule or not), used by
     sample_shift: bool = False  # `generate --model` when the user does not set them
@@ -101,6 +104,8 @@ class Recipe:
             raise ValueError(f"isolate is a share of the samples, got {self.isolate}")
         if not 0.0 <= self.isolate_anneal <= 1.0:
             raise ValueError(f"isolate_anneal is a fraction of the steps, got {self.isolate_anneal}")
+        if self.caption_variants < 1:
+            raise ValueError(f"caption_variants must be at least 1, got {self.caption_variants}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
         if self.t_sampler not in ("logit_normal", "uniform"):
@@ -249,10 +254,11 @@ def reconstruction_check(ae: AutoEncoder, config: SceneConfig, path: Path, devic
 
 
 def sample_t(generator: torch.Generator, batch: int, sampler: str, mean: float) -> Tensor:
-    """Noise levels t (B,): sigmoid(N(mean, 1)) (SD3's logit-normal; median sigmoid(mean)) or uniform."""
+    """Noise levels t (B,) on the generator's device: sigmoid(N(mean, 1)) (SD3's logit-normal; median sigmoid(mean))
+    or uniform."""
     if sampler == "uniform":
-        return torch.rand(batch, generator=generator)
-    return torch.sigmoid(mean + torch.randn(batch, generator=generator))
+        return torch.rand(batch, generator=generator, device=generator.device)
+    return torch.sigmoid(mean + torch.randn(batch, generator=generator, device=generator.device))
 
 
 def isolate_share(recipe: Recipe, step: int) -> float:
@@ -265,37 +271,80 @@ def isolate_share(recipe: Recipe, step: int) -> float:
 def velocity_loss(
     flux: Flux,
     t5: T5Encoder,
-    tok: T5Tokenizer,
+    tokens: Tensor,
     z: Tensor,
-    captions: list[str],
     noise: Tensor,
     t: Tensor,
-    max_length: int,
     attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """Rectified flow: x_t = t * noise + (1 - t) * z; the velocity should be noise - z. The pooled vector is zero."""
+    """Rectified flow: x_t = t * noise + (1 - t) * z; the velocity should be noise - z. Captions are token ids (B, T);
+    the pooled vector is zero."""
     B, _, h, w = z.shape
     t_ = t[:, None, None, None]
-    txt = t5(tok(captions, max_length).to(z.device))  # (B, T, d_model), no attention mask (as Flux)
-    ids_img, ids_txt = image_ids(B, 8 * h, 8 * w, z.device), text_ids(B, max_length, z.device)
-    v = flux(
-        pack(t_ * noise + (1 - t_) * z),
-        ids_img,
-        txt,
-        ids_txt,
-        t,
-        torch.zeros(B, flux.config.vec_in_dim, device=z.device),
-        attention_mask=attention_mask,
-    )
-    return (v - pack(noise - z)).pow(2).mean()
+    txt = t5(tokens)  # (B, T, d_model), no attention mask (as Flux)
+    ids_img, ids_txt = image_ids(B, 8 * h, 8 * w, z.device), text_ids(B, tokens.shape[1], z.device)
+    y = torch.zeros(B, flux.config.vec_in_dim, device=z.device)
+    v = flux(pack(t_ * noise + (1 - t_) * z), ids_img, txt, ids_txt, t, y, attention_mask=attention_mask)
+    return (v.float() - pack(noise - z)).pow(2).mean()
 
 
-def probe_batch(z: Tensor, captions: list[str], seed: int) -> dict[str, tuple]:
+def probe_batch(z: Tensor, tokens: Tensor, seed: int) -> dict[str, tuple]:
     """A fixed held-out batch at t = 0.5 with fixed noise, with its captions and with every caption moved one scene
     along (the gap between the two losses says how much the model uses its caption)."""
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 3)).to(z)
     t = torch.full((z.shape[0],), 0.5, device=z.device)
-    return {"probe_loss": (z, captions, noise, t), "probe_loss_shuffled": (z, captions[1:] + captions[:1], noise, t)}
+    return {"probe_loss": (tokens, z, noise, t), "probe_loss_shuffled": (tokens.roll(-1, 0), z, noise, t)}
+
+
+def choose_batch(seconds_per_step: dict[int, float], tolerance: float = 1.5) -> int:
+    """The largest batch whose step takes at most `tolerance` times the step of the smallest batch: on a device that
+    small batches leave idle, bigger batches are nearly free until the device is full."""
+    smallest = min(seconds_per_step)
+    return max(b for b, s in seconds_per_step.items() if s <= tolerance * seconds_per_step[smallest])
+
+
+def seconds_per_step(step: Callable[[], None], seconds: float, timer: Callable[[], float] = time.perf_counter) -> float:
+    """Mean wall-clock time of `step` over about `seconds` (after two warm-up calls, which compile and allocate)."""
+    step(), step()
+    start, count = timer(), 0
+    while count < 3 or timer() - start < seconds:
+        step()
+        count += 1
+    return (timer() - start) / count
+
+
+def scaled_for_batch(recipe: Recipe, batch: int, step_seconds: float, minutes: float | None) -> Recipe:
+    """The recipe at another batch size: learning rate scaled by sqrt(batch / recipe.batch) (the square-root rule
+    for Adam), and, when the run has a time budget, as many steps as fit in 85 % of it (the rest is evaluation)."""
+    lr = recipe.lr * math.sqrt(batch / recipe.batch)
+    steps = recipe.steps if minutes is None else max(1, int(0.85 * 60 * minutes / step_seconds))
+    return dataclasses.replace(recipe, batch=batch, lr=lr, steps=steps)
+
+
+def autoencoder_stage(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None, log):
+    """The scaled autoencoder and the latent cache: an earlier run's (`reuse`), or trained and measured here."""
+    if reuse is not None:
+        config = AutoEncoderConfig(**json.loads((reuse / "ae_config.json").read_text()))
+        ae = AutoEncoder(config)
+        ae.load_state_dict(load_file(reuse / "ae.safetensors"), strict=True)
+        cache = torch.load(reuse / "latents.pt") if (reuse / "latents.pt").exists() else {"world": recipe.world}
+        if cache.get("world", "full") != recipe.world:
+            raise ValueError(
+                f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
+                f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
+            )
+        return ae.to(device).eval(), cache
+    ae = train_autoencoder(recipe, device, seed, log)
+    raw = encode_scenes(ae, list(range(recipe.scenes)), scene_config(recipe), device)  # scale 1, shift 0 so far
+    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+    trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
+    ae.load_state_dict(trained.state_dict(), strict=True)
+    log({"stage": "ae", "held_out_mse": reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device)})
+    cache = {"world": recipe.world, "train": scale * (raw - shift)}
+    torch.save(cache, out / "latents.pt")
+    save_file(ae.state_dict(), out / "ae.safetensors")
+    (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
+    return ae, cache
 
 
 def train(
@@ -307,14 +356,22 @@ def train(
     minutes: float | None = None,
     resume: bool = False,
     checkpoint_seconds: float = 60.0,
-) -> None:
-    """Train into `out`. `minutes` bounds the transformer phase (it then evaluates and saves as if its steps were
-    done); a checkpoint goes to out/checkpoint every `checkpoint_seconds` and at the end, and `resume` continues from
-    it (the recipe, seed and autoencoder must be the run's own); every evaluation's weights go to out/steps/NNNNNN."""
+    workers: int = 0,
+    batch_probe: tuple[int, ...] = (),
+    probe_seconds: float = 20.0,
+    eval_minutes: float | None = None,
+) -> Recipe:
+    """Train into `out`; returns the recipe as run (the batch probe may change batch, lr and steps).
+
+    `minutes` bounds the transformer phase (it then evaluates and saves as if its steps were done); a checkpoint goes
+    to out/checkpoint every `checkpoint_seconds` and at the end, and `resume` continues from it (the run's own recipe,
+    seed and autoencoder); every evaluation's weights go to out/steps/NNNNNN. `workers` processes draw the scenes;
+    `batch_probe` lists batch sizes to time for `probe_seconds` in all (`choose_batch`, `scaled_for_batch`);
+    `eval_minutes` adds an evaluation whenever that much time has passed since the last one."""
     out.mkdir(parents=True, exist_ok=True)
     if resume and reuse is None:
-        reuse = out  # the run trained its own autoencoder: its cached latents are in the run's folder
-    else:
+        reuse = out  # the run trained its own autoencoder: it is in the run's folder
+    elif not resume:
         (out / "run.json").write_text(json.dumps({"seed": seed, "ae": reuse and str(reuse)}) + "\n")
     log_file = (out / "log.jsonl").open("a")
     start = time.time()
@@ -326,190 +383,106 @@ def train(
         log_file.flush()
 
     log({"stage": "recipe", "seed": seed, "device": device, **dataclasses.asdict(recipe)})
-    # 1-3: tokenizer, autoencoder, cached latents (or those of an earlier run)
+    # 1-3: tokenizer, autoencoder, the training set as a bank of latents and caption ids on the device
     tok = train_tokenizer(out / "tokenizer_2", seed)
-    if reuse is not None:  # the autoencoder files are copied at the end: only its latents are needed here
-        cache = torch.load(reuse / "latents.pt")
-        if cache.get("world", "full") != recipe.world:
-            raise ValueError(
-                f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
-                f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
-            )
-    else:
-        ae = train_autoencoder(recipe, device, seed, log)
-        raw = encode_scenes(ae, list(range(recipe.scenes)), scene_config(recipe), device)  # scale 1, shift 0 so far
-        shift, scale = raw.mean().item(), 1.0 / raw.std().item()
-        trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
-        ae.load_state_dict(trained.state_dict(), strict=True)
-        log(
-            {
-                "stage": "ae",
-                "held_out_mse": reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device),
-            }
-        )
-        cache = {"world": recipe.world, "train": scale * (raw - shift)}
-        held = held_out_seeds(recipe.eval_scenes)
-        cache["held_out"] = encode_scenes(ae, held, scene_config(recipe), device)
-        torch.save(cache, out / "latents.pt")
-        save_file(ae.state_dict(), out / "ae.safetensors")
-        (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
-    latents = cache["train"][: recipe.scenes].to(device).float()
-    log({"stage": "data", "latents": list(latents.shape), "std": latents.std().item()})
+    ae, cache = autoencoder_stage(recipe, out, device, seed, reuse, log)
+    options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
+    cached = cache.get("train")
+    cached = cached[: recipe.scenes].to(device) if cached is not None and len(cached) >= recipe.scenes else None
+    data = bank.build(ae, tok, list(range(recipe.scenes)), scene_config(recipe), options, recipe.max_length,
+                      recipe.caption_variants, device, workers, latents=cached, progress=False)  # fmt: skip
+    held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
+    held_captions = [s.caption for s in held_scenes]
+    held_latents = encode_scenes(ae, held_out_seeds(recipe.eval_scenes), scene_config(recipe), device)
+    log({"stage": "data", "latents": list(data.latents.shape), "std": data.latents.std().item()})
 
     # 4: T5 + Flux
     torch.manual_seed(seed)
     t5 = T5Encoder(t5_config(recipe, tok.vocab_size)).to(device)
     flux = initialize(Flux(flux_config(recipe))).to(device)
     params = [*t5.parameters(), *flux.parameters()]
-    log(
-        {
-            "stage": "model",
-            "flux_params": sum(p.numel() for p in flux.parameters()),
-            "t5_params": sum(p.numel() for p in t5.parameters()),
-        }
-    )
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed + 1)
-    rng = np.random.default_rng(seed + 2)
-    first = 0
+    log({"stage": "model", "flux_params": sum(p.numel() for p in flux.parameters()),
+         "t5_params": sum(p.numel() for p in t5.parameters())})  # fmt: skip
+    model = torch.compile(flux) if recipe.compile else flux
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    image_tokens = data.latents.shape[2] * data.latents.shape[3] // 4
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16)
+
+    def training_step(optimizer, batch: int, lr: float, share: float) -> Tensor:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        z, tokens = data.batch(batch, generator)
+        noise = torch.randn(z.shape, generator=generator, device=generator.device)
+        t = sample_t(generator, batch, recipe.t_sampler, recipe.t_mean)
+        mask = isolation_mask(batch, recipe.max_length, image_tokens, share, generator)
+        with autocast:
+            loss = velocity_loss(model, t5, tokens, z, noise, t, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss
+
+    def new_optimizer() -> torch.optim.Optimizer:
+        fused = torch.device(device).type == "cuda"
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, fused=fused)
+
+    if batch_probe and not resume:
+        saved = {k: v.clone() for k, v in [*flux.state_dict().items(), *t5.state_dict().items()]}
+        timings = {}
+        for b in batch_probe:
+            optimizer = new_optimizer()
+            timings[b] = seconds_per_step(lambda b=b, o=optimizer: training_step(o, b, 0.0, recipe.isolate),
+                                          probe_seconds / len(batch_probe))  # fmt: skip
+        flux.load_state_dict({k: v for k, v in saved.items() if k in flux.state_dict()})
+        t5.load_state_dict({k: v for k, v in saved.items() if k in t5.state_dict()})
+        chosen = choose_batch(timings)
+        recipe = scaled_for_batch(recipe, chosen, timings[chosen], minutes)
+        log({"stage": "batch_probe", "seconds_per_step": timings, "batch": chosen, "lr": recipe.lr,
+             "steps": recipe.steps})  # fmt: skip
+    optimizer = new_optimizer()
+    step = 0
     if resume:
-        first = load_checkpoint(out / "checkpoint", flux, t5, optimizer, generator, rng, device)
-        log({"stage": "resume", "step": first})
-    caption_config = scene_config(
-        recipe, background_phrase=recipe.background_phrase, colourless=recipe.colourless, positions=recipe.positions
-    )
-    meta = [make_scene(s, scene_config(recipe)) for s in range(recipe.scenes)]  # shapes, places, background
-    held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
-    held_captions = [s.caption for s in held_scenes]
-    B = recipe.batch
-    probe = probe_batch(cache["held_out"][:32].to(device), held_captions[:32], seed)
+        step = load_checkpoint(out / "checkpoint", flux, t5, optimizer, generator, device)
+        log({"stage": "resume", "step": step})
+    probe = probe_batch(held_latents[:32], tok(held_captions[:32], recipe.max_length).to(device), seed)
     deadline = math.inf if minutes is None else time.time() + 60 * minutes
-    last_checkpoint = time.time()
-    step = first
+    last_checkpoint = last_eval = time.time()
     while True:
         out_of_time = time.time() > deadline
-        if step % recipe.eval_every == 0 or step == recipe.steps or out_of_time:
+        due = eval_minutes is not None and time.time() - last_eval > 60 * eval_minutes
+        if step % recipe.eval_every == 0 or step == recipe.steps or out_of_time or due:
             flux.eval()
             with torch.no_grad():
-                scores = {
-                    k: velocity_loss(flux, t5, tok, *batch, recipe.max_length).item() for k, batch in probe.items()
-                }
+                scores = {k: velocity_loss(flux, t5, *batch).item() for k, batch in probe.items()}
                 for i in range(0, recipe.eval_scenes, 50):
-                    part = alignment.evaluate(
-                        flux,
-                        t5,
-                        tok,
-                        cache["held_out"][i : i + 50].to(device),
-                        held_scenes[i : i + 50],
-                        held_captions[i : i + 50],
-                        recipe.max_length,
-                        world=recipe.world,
-                        isolate=recipe.eval_isolated,
-                    )
+                    part = alignment.evaluate(flux, t5, tok, held_latents[i : i + 50], held_scenes[i : i + 50],
+                                              held_captions[i : i + 50], recipe.max_length, world=recipe.world,
+                                              isolate=recipe.eval_isolated)  # fmt: skip
                     for k, v in part.items():
                         scores[k] = scores.get(k, 0.0) + v * len(held_scenes[i : i + 50]) / recipe.eval_scenes
             log({"stage": "eval", "step": step, **{k: round(v, 4) for k, v in scores.items()}})
             save_weights(out / "steps" / f"{step:06d}", flux, t5, recipe, seed)  # for the dose-response tables
             flux.train()
+            last_eval = time.time()
         if step == recipe.steps or out_of_time:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe.steps, recipe.warmup, recipe.lr)
-        index = torch.randint(0, recipe.scenes, (B,), generator=generator)
-        captions = []
-        for i in index.tolist():
-            scene = meta[i]
-            single = len(scene.shapes) == 1 and rng.random() < recipe.single_word
-            captions.append(
-                scene.shapes[0][1]
-                if single
-                else caption_for(scene.shapes, scene.background, scene.places, rng, caption_config)
-            )
-        z = latents[index]
-        noise = torch.randn(z.shape, generator=generator).to(device)
-        t = sample_t(generator, B, recipe.t_sampler, recipe.t_mean).to(device)
         share = isolate_share(recipe, step)
-        mask = isolation_mask(B, recipe.max_length, z.shape[2] * z.shape[3] // 4, share, generator)
-        mask = None if mask is None else mask.to(device)
-        loss = velocity_loss(flux, t5, tok, z, captions, noise, t, recipe.max_length, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = training_step(optimizer, recipe.batch, lr_at(step, recipe.steps, recipe.warmup, recipe.lr), share)
         step += 1
         if step % 100 == 0:
             log({"stage": "flux", "step": step, "loss": round(loss.item(), 5), "isolate": round(share, 4)})
         if time.time() - last_checkpoint > checkpoint_seconds:
-            save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, rng, recipe, seed)
+            save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed)
             last_checkpoint = time.time()
 
-    save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, rng, recipe, seed)
+    save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed)
     save_weights(out, flux, t5, recipe, seed)
     if reuse is not None and reuse.resolve() != out.resolve():
         for name in ("ae.safetensors", "ae_config.json"):
             (out / name).write_bytes((reuse / name).read_bytes())
     log({"stage": "done", "step": step, "time_total": round(time.time() - start, 1)})
-
-
-def save_weights(folder: Path, flux: Flux, t5: T5Encoder, recipe: Recipe, seed: int) -> None:
-    """The transformer and text encoder with their configs and the recipe (a model folder, with the autoencoder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(flux.state_dict(), folder / "flux.safetensors")
-    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, folder / "t5.safetensors")
-    for name, config in (("flux", flux.config), ("t5", t5.config)):
-        (folder / f"{name}_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    (folder / "recipe.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(recipe)}, indent=2) + "\n")
-
-
-def save_checkpoint(
-    folder: Path,
-    step: int,
-    flux: Flux,
-    t5: T5Encoder,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    rng: np.random.Generator,
-    recipe: Recipe,
-    seed: int,
-) -> None:
-    """Weights, optimizer and random states after `step` steps, written beside `folder` and then moved into place, so
-    a run killed at any moment leaves either the previous checkpoint or this one, whole."""
-    partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_weights(partial, flux, t5, recipe, seed)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "rng": rng.bit_generator.state,
-    }
-    torch.save(state, partial / "state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(
-    folder: Path,
-    flux: Flux,
-    t5: T5Encoder,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    rng: np.random.Generator,
-    device: str,
-) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step to continue from."""
-    if not (folder / "state.pt").is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {folder / 'state.pt'} is missing")
-    flux.load_state_dict(load_file(folder / "flux.safetensors", device=device), strict=True)
-    t5.load_state_dict(load_file(folder / "t5.safetensors", device=device), strict=True)
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    rng.bit_generator.state = state["rng"]
-    return state["step"]
+    return recipe
 
 
 def main() -> None:
@@ -520,6 +493,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--ae", type=Path, default=None, help="reuse the autoencoder and cached latents of a run")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the transformer phase")
+    parser.add_argument("--workers", type=int, default=0, help="processes drawing the training scenes (0: this one)")
+    parser.add_argument(
+        "--batch-probe",
+        type=int,
+        nargs="*",
+        default=[],
+        help="batch sizes to time; the largest whose "
+        "step stays within 1.5x of the smallest's is used, lr scaled by sqrt(batch ratio)",
+    )
+    parser.add_argument("--probe-seconds", type=float, default=20.0, help="the batch probe's time, all sizes together")
+    parser.add_argument("--eval-minutes", type=float, default=None, help="also evaluate every this many minutes")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its own recipe)")
     for field in dataclasses.fields(Recipe):
         kind = type(field.default)
@@ -540,7 +524,9 @@ def main() -> None:
         recipe = Recipe(**saved)
     elif args.out is None:
         parser.error("give --out DIR (a new run) or --resume DIR (continue one)")
-    train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None)
+    train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None,
+          workers=args.workers, batch_probe=tuple(args.batch_probe), probe_seconds=args.probe_seconds,
+          eval_minutes=args.eval_minutes)  # fmt: skip
 
 
 def parse_bool(text: str) -> bool:

@@ -329,3 +329,52 @@ def test_budget_stops_a_run_and_resume_continues_it_exactly(tmp_path):
     worst = max((whole[k] - cut[k]).abs().max().item() for k in whole)
     print("stopped at step", stopped, "; max abs difference after resuming", worst)
     assert worst == 0.0  # optimizer, random streams and schedule all continue where they were
+
+
+def test_batch_probe_times_steps_with_the_given_clock_and_picks_the_largest_cheap_batch():
+    from shapes.train import Recipe, choose_batch, scaled_for_batch, seconds_per_step
+
+    # a fake device: launch-bound up to 1024 samples (10 ms a step), then time grows with the batch
+    cost = {256: 0.010, 1024: 0.013, 4096: 0.040}
+    clock = [0.0]
+    timings = {}
+    for batch in cost:
+        timings[batch] = seconds_per_step(
+            lambda b=batch: clock.__setitem__(0, clock[0] + cost[b]), 5.0, lambda: clock[0]
+        )
+    assert timings == pytest.approx(cost)
+    assert choose_batch(timings) == 1024  # 4096 takes 4x the smallest batch's step, 1024 only 1.3x
+    assert choose_batch({256: 0.01, 1024: 0.012, 4096: 0.0149}) == 4096
+    assert choose_batch({256: 0.01, 1024: 0.016}) == 256
+    recipe = scaled_for_batch(Recipe(batch=32, lr=8e-4, steps=3000), 1024, 0.013, minutes=7.0)
+    assert recipe.batch == 1024 and recipe.lr == pytest.approx(8e-4 * math.sqrt(32))
+    assert recipe.steps == int(0.85 * 7 * 60 / 0.013)  # 85 % of the budget in steps
+    assert scaled_for_batch(Recipe(steps=3000), 64, 0.1, minutes=None).steps == 3000
+
+
+def test_bank_pairs_each_scene_with_its_own_captions(tmp_path):
+    from shapes.bank import CaptionOptions, build, draw
+    from shapes.train import train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok", 0)
+    config = SceneConfig(size=32, **WORLDS["simple"])
+    options = CaptionOptions(background_phrase=0.5, single_word=0.5, colourless=0.0, positions=1.0)
+    seeds = list(range(10))
+    # two worker processes draw exactly what this process draws
+    here = list(draw(seeds, config, options, 4, workers=0, chunk=3))
+    pooled = list(draw(seeds, config, options, 4, workers=2, chunk=3))
+    for (a, ca), (b, cb) in zip(here, pooled, strict=True):
+        assert np.array_equal(a, b) and ca == cb
+    latents = torch.randn(10, 16, 4, 4)
+    data = build(None, tok, seeds, config, options, 32, 4, "cpu", latents=latents, progress=False)
+    assert data.tokens.shape == (10, 4, 32) and data.latents is not None
+    captions = [c for _, chunk in here for c in chunk]
+    for i, seed in enumerate(seeds):
+        scene = make_scene(seed, config)
+        for k in range(4):
+            assert torch.equal(data.tokens[i, k], tok([captions[i][k]], 32)[0])
+            assert all(kind in captions[i][k] for _, kind in scene.shapes)  # every caption names the scene's shapes
+    z, tokens = data.batch(64, torch.Generator().manual_seed(0))
+    for row, ids in zip(z, tokens, strict=True):  # every (latent, caption) pair of a batch belongs to one scene
+        i = next(j for j in range(10) if torch.equal(latents[j], row))
+        assert any(torch.equal(ids, data.tokens[i, k]) for k in range(4))
