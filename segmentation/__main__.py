@@ -13,7 +13,7 @@ and the run scores every combination, sharing one forward per image and t.
 Bad input is one line on stderr (`error: ...`) and exit code 2, with no traceback, and everything that can be checked
 without the weights is checked before they load: the arguments (layer ranges, t, samples, seed, limit, rank and world
 size), the device and dtype, the dataset files, the class map, the output folder, each image's size against its mask,
-each image's concepts, and the layers against the checkpoint's config.
+each image's concepts, and the layers against the checkpoint (its headers, config and tokenizer; no weights read).
 """
 
 from __future__ import annotations
@@ -110,45 +110,15 @@ def environment_int(name: str, default: int) -> int:
     return int(text)
 
 
-def check_device(text: str | None):
+def choose_device(text: str | None) -> str:
     """The device to run on, after checking it exists here: cuda:$LOCAL_RANK when a GPU is present, else cpu."""
     import torch
 
+    from concept_attention import check_device
+
     if text is None:
         return f"cuda:{environment_int('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = "torch without CUDA" if torch.version.cuda is None else "no CUDA device visible"
-        raise ValueError(f"--device {text}: this machine has no usable GPU ({build}); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        backend = getattr(torch, device.type, None)
-        if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise ValueError(f"--device {text}: {device.type} is not available on this machine; use --device cpu")
-    return text
-
-
-def flux_depth(model: str) -> tuple[int, str]:
-    """The double-block count from the checkpoint's config or tensor headers (no weights are read), and its file."""
-    import mmdit
-    from concept_attention import BUILTIN_MODEL
-    from weights.configs import flux_config_from_diffusers, flux_config_from_shapes, single_file_config
-    from weights.files import read_config, read_weights
-    from weights.find import locate
-
-    found = locate(BUILTIN_MODEL if model == "shapes" else model, "flux")
-    tensors, cfg = read_weights(found), read_config(found)
-    if found.layout.kind == "folder":
-        config = flux_config_from_diffusers(cfg, tensors, found.where)
-    else:
-        config = single_file_config(mmdit.FluxConfig, cfg, tensors, found.where, flux_config_from_shapes)
-    return config.depth, found.where
+    return str(check_device(text))
 
 
 def build_pipeline(args: argparse.Namespace):
@@ -176,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
+    from concept_attention import model_facts
+
     if args.command == "protocols":
         for name, protocol in PROTOCOLS.items():
             print(name, json.dumps(protocol.to_json()))
@@ -192,13 +164,13 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError("--dtype float16: T5 and the autoencoder overflow in it (NaN); use bfloat16 or float32")
     protocol = protocol_from_args(args)
     methods = methods_from_args(args, protocol)
-    args.device = check_device(args.device)
+    args.device = choose_device(args.device)
     dataset = open_dataset(args.dataset, args.data, args.split)
     class_map = args.class_map or ("none" if args.dataset == "folder" else protocol.class_map)
     plan = prepare(dataset, protocol, methods, args.out, limit=args.limit, rank=rank, world_size=world_size,
                    class_map=class_map, model=args.model)  # fmt: skip
-    depth, where = flux_depth(args.model)
-    check_layers(methods, depth, where)
+    facts = model_facts(args.model)  # the checkpoint's headers, config and tokenizer: no weights read
+    check_layers(methods, facts.depth, f"the model {args.model}")
     pipe = build_pipeline(args)
     results = run_plan(pipe, plan, progress=not args.no_progress)
     if results is not None:

@@ -296,7 +296,8 @@ def forward_maps(pipe, cache: MapCache, key: str, image, concepts: list[str], ca
         settings = Settings(space=missing[0].space, softmax=missing[0].softmax, normalize=protocol.normalize,
                             token_rule=protocol.token_rule)  # fmt: skip
         result = pipe.explain(image, concepts, prompt=caption, t=t, num_samples=protocol.num_samples,
-                              seed=protocol.seed, settings=settings, keep_grid=True, progress=False)  # fmt: skip
+                              seed=protocol.seed, settings=settings, keep_grid=True,
+                              size=(image.height, image.width), progress=False)  # fmt: skip
         for m in missing:
             maps[m.select_key] = result.select(space=m.space, softmax=m.softmax, layers=m.layers).float().cpu()
         cache.save(key, record, maps)

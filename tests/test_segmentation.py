@@ -17,17 +17,20 @@ from segmentation import (
     PROTOCOLS,
     FolderSegmentation,
     ImageNetSegmentation,
+    Method,
     VOCSegmentation,
     average_precision,
     blur3x3,
     merge,
     method_grid,
+    parse_layers,
     run,
     summarize,
     two_channel_average_precision,
 )
 from segmentation.__main__ import main
 from segmentation.metrics import image_stats
+from segmentation.run import weights_fingerprint
 
 # ---- fixtures in the real formats ----------------------------------------------------------------------------------
 
@@ -317,8 +320,8 @@ class FakePipeline:
         self.background, self.calls, self.fail_after = set(background), 0, fail_after
 
     def explain(self, image, concepts, prompt="", t=0.5, num_samples=1, seed=0, settings=None, keep_grid=False,
-                progress=True):  # fmt: skip
-        assert keep_grid and image.width % 16 == 0 and image.height % 16 == 0
+                size=None, progress=True):  # fmt: skip
+        assert keep_grid and image.width % 16 == 0 and image.height % 16 == 0 and size == image.size[::-1]
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt  # an interrupted run
         self.calls += 1
@@ -442,3 +445,198 @@ def test_tiny_model_run(imagenet_file, tmp_path):
         two = run(pipe, data, protocol, methods, tmp_path / "two", rank=rank, world_size=2, **kw)
     assert len(calls) == 4
     assert [m["metrics"] for m in two["methods"]] == [m["metrics"] for m in one["methods"]]
+
+
+# ---- bad input: one-line errors before the model loads, caches that never mix ----------------------------------------
+
+
+def no_model(args):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def folder_argv(tmp_path, *extra):
+    return ["run", "--dataset", "folder", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--model", "shapes", "--layers", "0-2", "--no-progress", *extra]  # fmt: skip
+
+
+BAD_ARGUMENTS = [  # (extra arguments, a piece of the message)
+    (["--layers", "17-14"], "runs downwards"),
+    (["--layers", ""], "not a block index"),
+    (["--layers", "3,1-3"], "block 3 is named twice"),
+    (["--layers", "14-17"], "has 4 double blocks"),  # the built-in model, checked from its config: no load
+    (["--limit", "0"], "--limit: 0 is below 1"),
+    (["--limit", "-3"], "--limit: -3 is below 1"),
+    (["--samples", "0"], "--samples: 0 is below 1"),
+    (["--seed", "-1"], "--seed: -1 is below 0"),
+    (["--t", "1.5"], "t = 1.5: the noise level must lie in [0, 1]"),
+    (["--rank", "2", "--world-size", "2"], "rank 2 is outside world size 2"),
+    (["--device", "nonsense"], "is not a device"),
+    (["--dtype", "float16"], "float16"),
+    (["--class-map", "missing.json"], "class map 'missing.json'"),
+    (["--protocol", "paper-imagenet", "--methods", "rainbow"], "invalid choice: 'rainbow'"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["--device", "cuda"], "no usable CUDA device"))
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_ARGUMENTS)
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys, extra, message):
+    write_folder(tmp_path / "data")
+    monkeypatch.setattr("segmentation.__main__.build_pipeline", no_model)
+    argv = folder_argv(tmp_path, *extra)
+    if "--layers" in extra:
+        argv.remove("0-2")
+        argv.remove("--layers")
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_command_line_file_errors(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / "data")
+    monkeypatch.setattr("segmentation.__main__.build_pipeline", no_model)
+    (tmp_path / "file").write_text("not a folder")
+    cases = [
+        (folder_argv(tmp_path)[:5] + ["--out", str(tmp_path / "file")] + folder_argv(tmp_path)[7:], "is a file"),
+        (folder_argv(tmp_path)[:5] + ["--out", ""] + folder_argv(tmp_path)[7:], "output folder is empty"),
+        (["run", "--dataset", "folder", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], "images/"),
+        (["run", "--dataset", "imagenet", "--data", str(tmp_path / "file"), "--out", str(tmp_path / "o")], "HDF5"),
+        (["merge", "--out", str(tmp_path / "empty")], "no shard files"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_layer_ranges():
+    assert parse_layers("0-2,5") == (0, 1, 2, 5) and parse_layers("all") is None and parse_layers(" 18 ") == (18,)
+    for text in ("17-14", "", "a-b", "-1", "3,3"):
+        with pytest.raises(ValueError, match=f"layers {text!r}"):
+            parse_layers(text)
+    with pytest.raises(ValueError, match="at least one double block"):
+        Method(layers=())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Method(t=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image,classes\none.png\ntwo.png,dog;cat\n", "line 2 .*has no classes"),
+        ("image,classes\none.png,cat\n,dog\n", "line 3 .*has no image"),
+        ("image,classes\none.png,cat\ntwo.png,dog,cat\n", "line 3 has 3 fields .*separated by ';'"),
+        ("image,classes\none.png,cat\n\ntwo.png,dog;cat\none.png,cat\n", r"one.png twice \(lines 2 and 5\)"),
+        ("image,classes\none.png,cat\ntwo.png,dog;dog\n", "line 3: class dog is listed twice"),
+        ("name,labels\none.png,cat\n", "must name the columns image,classes"),
+        ('{"one.png": ["cat"], "two.png": ["dog"], "one.png": ["dog"]}', "one.png twice"),
+        ('{"one.png": ["cat"], "two.png": [1, 2]}', "list of class names"),
+    ],
+)
+def test_folder_index_errors(tmp_path, text, message):
+    write_folder(tmp_path)
+    (tmp_path / "concepts.csv").unlink()
+    (tmp_path / ("concepts.json" if text.startswith("{") else "concepts.csv")).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        FolderSegmentation(tmp_path)
+
+
+def test_folder_index_byte_order_mark_and_shared_masks(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "concepts.csv").write_bytes("\ufeffImage, Classes\r\none.png,cat\r\ntwo.png, dog ; cat\r\n".encode())
+    data = FolderSegmentation(tmp_path)  # a byte-order mark, CRLF, spaces and capitals in the header: all fine
+    assert data.items == [("one.png", ["cat"]), ("two.png", ["dog", "cat"])]
+    Image.fromarray(bright(block_mask(64, 64, 0, 0, 8, 8))).save(tmp_path / "images" / "one.jpg")
+    (tmp_path / "concepts.csv").write_text("image,classes\none.png,cat\none.jpg,dog\n")
+    with pytest.raises(ValueError, match="one.png and one.jpg would share one mask, masks/one.png"):
+        FolderSegmentation(tmp_path)
+
+
+def write_lookalikes(root, swap=False):
+    """Two images whose names sanitise alike, with their objects in different places (swapped with swap=True)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    top, bottom = block_mask(64, 64, 0, 0, 32, 64), block_mask(64, 64, 32, 0, 64, 64)
+    for name, mask in (("a b", bottom if swap else top), ("a_b", top if swap else bottom)):
+        Image.fromarray(bright(mask)).save(root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    (root / "concepts.csv").write_text("image,classes\na b.png,cat\na_b.png,cat\n")
+
+
+def test_cache_entries_are_unique_and_record_what_made_them(tmp_path, capsys):
+    write_lookalikes(tmp_path / "data")
+    protocol = small_imagenet_protocol()
+    methods = method_grid(["output"], [True], [None], [0.5], [False])
+    pipe = FakePipeline(protocol.background)
+    pipe.dtype = torch.float32
+
+    def oracle_acc():
+        data = FolderSegmentation(tmp_path / "data")
+        return run(pipe, data, protocol, methods, tmp_path / "out", class_map="none", progress=False)["methods"][0][
+            "metrics"
+        ]["acc"]
+
+    assert oracle_acc() == 1 and pipe.calls == 2  # each image its own entry: the oracle is right on both
+    assert len(list((tmp_path / "out" / "cache").glob("*/*.pt"))) == 2
+    assert oracle_acc() == 1 and pipe.calls == 2  # resumed
+    pipe.dtype = torch.bfloat16  # another dtype: another forward, recomputed
+    assert oracle_acc() == 1 and pipe.calls == 4
+    write_lookalikes(tmp_path / "data", swap=True)  # same names, other pictures: recomputed, still right
+    assert oracle_acc() == 1 and pipe.calls == 6
+    assert "made from another image" in capsys.readouterr().err
+    entry = sorted((tmp_path / "out" / "cache").glob("*/*.pt"))[-1]
+    entry.write_bytes(entry.read_bytes()[:100])  # an interrupted copy
+    assert oracle_acc() == 1 and pipe.calls == 7
+    err = capsys.readouterr().err
+    assert f"cache file {entry} is damaged" in err and "recomputing it" in err
+
+
+def test_weights_fingerprint(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder / "vae").mkdir(parents=True)
+        (tmp_path / folder / "vae" / "config.json").write_text("{}")
+        (tmp_path / folder / "big.safetensors").write_bytes(bytes(range(256)) * 20000)  # 5 MB: head and tail read
+    assert weights_fingerprint(str(tmp_path / "a")) == weights_fingerprint(str(tmp_path / "b"))  # paths may differ
+    data = bytearray((tmp_path / "b" / "big.safetensors").read_bytes())
+    data[-1] ^= 1  # retrained: the tail of the data changes
+    (tmp_path / "b" / "big.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(str(tmp_path / "a")) != weights_fingerprint(str(tmp_path / "b"))
+    assert weights_fingerprint("no-such/repo-here") is None
+
+
+def test_checks_before_any_forward(tmp_path):
+    """An image whose mask has another size, a class missing from the map, or no qualifying image: errors before the
+    first forward (they used to stop a run midway)."""
+    write_folder(tmp_path / "data")
+    Image.fromarray(block_mask(32, 32, 0, 0, 16, 16, 1)).save(tmp_path / "data" / "masks" / "two.png")
+    multi = PROTOCOLS["paper-voc-multi"].with_overrides(**{**SMALL, "label_size": 4})
+    methods = method_grid(["output"], [False], [None], [multi.t], [False])
+    pipe = FakePipeline(multi.background)
+    with pytest.raises(ValueError, match=r"is \(64, 64\) \(H, W\) and its mask \(32, 32\)"):
+        run(pipe, FolderSegmentation(tmp_path / "data"), multi, methods, tmp_path / "out", class_map="none")
+    assert pipe.calls == 0
+    write_folder(tmp_path / "other")
+    (tmp_path / "map.json").write_text(json.dumps({"dog": "dog"}))
+    with pytest.raises(ValueError, match="'cat' has no concept in the .*map.json class map"):
+        run(pipe, FolderSegmentation(tmp_path / "other"), multi, methods, tmp_path / "out",
+            class_map=str(tmp_path / "map.json"))  # fmt: skip
+    with pytest.raises(ValueError, match="limit = 0"):
+        run(pipe, FolderSegmentation(tmp_path / "other"), multi, methods, tmp_path / "out", limit=0)
+    assert pipe.calls == 0
+
+
+def test_stale_shards_are_not_merged(tmp_path):
+    write_folder(tmp_path / "data")
+    data = FolderSegmentation(tmp_path / "data")
+    multi = PROTOCOLS["paper-voc-multi"].with_overrides(**{**SMALL, "label_size": 4})
+    old, new = (method_grid([s], [False], [None], [multi.t], [False]) for s in ("attention", "output"))
+    pipe = FakePipeline(multi.background)
+    kw = dict(world_size=2, class_map="none", progress=False)
+    assert run(pipe, data, multi, old, tmp_path / "out", rank=1, **kw) is None  # an earlier run, left unfinished
+    assert run(pipe, data, multi, new, tmp_path / "out", rank=0, **kw) is None  # not merged with the old shard
+    results = run(pipe, data, multi, new, tmp_path / "out", rank=1, **kw)
+    assert [m["name"] for m in results["methods"]] == [new[0].name]
+    assert results["config_hash"] == json.loads((tmp_path / "out" / "results.json").read_text())["config_hash"]
