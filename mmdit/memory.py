@@ -10,12 +10,14 @@ the activation dtype per layer as it runs (no fp8 matmul, so any GPU and the CPU
   each block is copied into one of two device slots of its kind just before it runs, the next one on a side stream
   while the current one computes. The image is bit-identical to the resident model's: the same kernels on the same
   weights. On the CPU the same path runs with plain copies into the slots, so it is tested there.
+- `stream_t5(t5, device)`: the same for the T5 encoder's blocks (block 0 stays), so that T5 (9.5 GB in bf16) never
+  sits on the device whole beside the transformer.
 - `to_fp8(flux)`: every `nn.Linear` inside the blocks (99.5 % of FLUX.1-schnell's parameters) becomes an `FP8Linear`.
   Embedders, the final layer, biases and norm scales stay in the model dtype.
-- `prepare_flux(flux, mode, device)`: the pipeline's one entry point for `MEMORY_MODES`.
+- `prepare_flux` and `prepare_t5(module, mode, device)`: the pipeline's entry points for `MEMORY_MODES`.
 
 Differs from accelerate/diffusers offload in: no hooks; the streamed blocks are small wrapper modules that the
-unchanged `Flux.forward` calls like the blocks they stand for.
+unchanged `Flux.forward` and T5 stack call like the blocks they stand for.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ __all__ = [
     "dequantize_fp8",
     "prepare_flux",
     "quantize_fp8",
+    "prepare_t5",
     "stream_blocks",
+    "stream_module_list",
+    "stream_t5",
     "to_fp8",
 ]
 
-# full: everything resident on the device; offload: the text encoders wait on the CPU between uses;
-# stream: offload + the transformer's blocks streamed from host memory; fp8: offload + fp8 transformer weights
+# full: everything resident on the device; offload: the text encoders wait on the CPU between uses; stream: the
+# transformer's and T5's blocks streamed from host memory (CLIP offloaded); fp8: fp8 transformer weights, T5 streamed
 MEMORY_MODES = ("full", "offload", "stream", "fp8")
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
@@ -65,8 +70,14 @@ def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_fp8(w8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """(out, in) fp8 and (out, 1) float32 scales -> the weight in `dtype`, multiplied in float32, rounded once."""
-    return (w8.float() * scale).to(dtype)
+    """(out, in) fp8 and (out, 1) float32 scales -> the weight in `dtype`.
+
+    The product is taken in `dtype` itself (fp8 values are exact in bf16; the scale and the product each round by at
+    most 2^-9 in bf16, far below fp8's 2^-4), which moves 7 bytes per weight instead of 19 through float32; float16,
+    whose range small scales can leave, multiplies in float32.
+    """
+    compute = torch.float32 if dtype == torch.float16 else dtype
+    return (w8.to(compute) * scale.to(compute)).to(dtype)
 
 
 class FP8Linear(nn.Module):
@@ -118,10 +129,11 @@ class BlockStreamer:
     """Host copies of a sequence of blocks and two device slots per block kind; `run(i, ...)` runs block i in a slot.
 
     Block i lives in slot i' % 2 of its kind (i' = its rank among the blocks of that kind), so block i and block i + 1
-    never share a slot. Before block i computes, block i + 1 (block 0 after the last one) is copied into its slot; on
-    CUDA that copy runs on `copy_stream`, waits for the last compute that read the slot (`free` event) and signals
-    the compute stream when done (`ready` event). On other devices the copies are plain synchronous copies.
-    `loads` counts block copies (a forward over all blocks costs exactly one per block).
+    never share a slot. Before block i computes, block i + 1 is copied into its slot (and after the last block, block
+    0, for the next forward, unless it shares the last block's slot). On CUDA that copy runs on `copy_stream`, waits
+    for the last compute that read the slot (`free` event) and signals the compute stream when done (`ready` event).
+    On other devices the copies are plain synchronous copies. `loads` counts block copies: at most one per block and
+    forward, fewer where a slot still holds its block from the last forward.
     """
 
     def __init__(self, device: torch.device):
@@ -180,8 +192,9 @@ class BlockStreamer:
             self.load(i)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        following = (i + 1) % len(self.host)
-        if following != i and self.loaded[self.slot_of[following]] != following:
+        following = (i + 1) % len(self.host)  # block 0 after the last: the next forward starts there
+        # (with an odd number of blocks of one kind and no other kind, the last block and block 0 share a slot)
+        if self.slot_of[following] != slot and self.loaded[self.slot_of[following]] != following:
             self.load(following)  # overlaps with the compute below
         out = self.slots[slot](*args, **kwargs)
         if self.cuda:
@@ -206,18 +219,33 @@ class StreamedBlock(nn.Module):
         return f"{self.kind} block {self.index}, streamed from host memory"
 
 
+def stream_module_list(blocks: nn.ModuleList, streamer: BlockStreamer, kind: str, start: int = 0) -> None:
+    """Replace blocks[start:] by `StreamedBlock`s of `streamer`, one block at a time (each original is dropped as soon
+    as its host copy exists, so host memory holds about one copy of the model)."""
+    for j in range(start, len(blocks)):
+        blocks[j] = StreamedBlock(streamer, streamer.add(blocks[j]), kind)
+
+
 def stream_blocks(flux: Flux, device) -> BlockStreamer:
-    """Move the blocks of `flux` to (pinned) host memory behind a `BlockStreamer`, one block at a time (host memory
-    holds about one copy of the model), and everything else to `device`. In place; returns the streamer.
+    """Move the blocks of `flux` to (pinned) host memory behind a `BlockStreamer` and everything else to `device`.
+    In place; returns the streamer.
 
     The streamed model's `state_dict()` no longer holds the blocks' weights (they are `streamer.host`): stream a model
     after loading it, for inference.
     """
     streamer = BlockStreamer(device)
-    for kind, blocks in (("double", flux.double_blocks), ("single", flux.single_blocks)):
-        for j in range(len(blocks)):
-            blocks[j] = StreamedBlock(streamer, streamer.add(blocks[j]), kind)  # the original is dropped here
+    stream_module_list(flux.double_blocks, streamer, "double")
+    stream_module_list(flux.single_blocks, streamer, "single")
     flux.to(streamer.device)
+    return streamer
+
+
+def stream_t5(t5: nn.Module, device) -> BlockStreamer:
+    """Stream the blocks of a `t5.T5Encoder` the same way, except block 0, which holds the relative position bias
+    table the stack reads directly (the embedding, block 0 and the final norm stay in the module: 0.7 GB for T5-XXL
+    in bf16, against 9.5 GB for the whole encoder). In place; returns the streamer."""
+    streamer = BlockStreamer(device)
+    stream_module_list(t5.encoder.block, streamer, "t5", start=1)
     return streamer
 
 
@@ -231,3 +259,13 @@ def prepare_flux(flux: Flux, mode: str, device) -> Flux:
     elif mode == "fp8":
         to_fp8(flux, device)
     return flux.to(device)
+
+
+def prepare_t5(t5: nn.Module, mode: str, device) -> nn.Module:
+    """The T5 encoder for memory mode `mode`: in "stream" and "fp8" its blocks stream from host memory (`stream_t5`);
+    otherwise unchanged. The pipeline moves what stays in the module (all of it in "full" and "offload")."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode {mode!r}: choose one of {', '.join(MEMORY_MODES)}")
+    if mode in ("stream", "fp8"):
+        stream_t5(t5, device)
+    return t5
