@@ -1,11 +1,11 @@
 """FLUX.1-schnell at full size on one GPU: our Flux against diffusers' FluxTransformer2DModel, the concept stream's
 cost, and end-to-end `generate` in every memory mode. Seeded random weights, nothing downloaded.
 
-The device run (two calls, results under $OUT). diffusers is not installed on the device machines; carry its wheel
-(pure Python) and importlib_metadata's, fetched here once:
+The device run (two calls, results under $OUT). diffusers is not installed on the device machines (their torch,
+einops, safetensors, tokenizers, sentencepiece and Pillow are); carry its wheel (pure Python), fetched here once:
 
     echo /.whl/ >> .git/info/exclude
-    .venv/bin/python -m pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+    .venv/bin/python -m pip download --no-deps -d .whl diffusers==0.42.1
     # run(carry=[".whl"], timeout_s=240): the smoke call, every section at the tiny config on the GPU
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. \
         PYTHONUNBUFFERED=1 && python3 benchmarks/bench_gpu.py --tiny --out $OUT/smoke
@@ -22,7 +22,7 @@ Sections, each printed and written to OUT/results.json and OUT/results.md:
 2. concepts: the forward with 1, 5 and 10 concepts at all double blocks (output space), 10 with every space
    (`keep_grid`), and `explain`'s forward that stops after the double blocks, each as a ratio of the plain forward.
 3. memory modes: `generate` end to end (T5-XXL + CLIP-L + 4 steps + decode, random weights at full size) per mode:
-   median time and peak memory (allocated and reserved), and its image and maps against mode "full".
+   median time and peak memory (allocated and reserved), and its image and maps against the first mode ("full").
 """
 
 from __future__ import annotations
@@ -192,11 +192,12 @@ def concept_section(flux, size, text, device, dtype, repeats) -> dict:
     return {name: {**t, "ratio": t["seconds"] / base} for name, t in times.items()}
 
 
-def mode_section(masters: dict, configs: dict, size: int, device, dtype, repeats, max_length: int) -> dict:
-    """generate in each memory mode, each pipeline built afresh from host copies of the same random weights."""
+def mode_section(masters: dict, configs: dict, modes, size: int, device, dtype, repeats, max_length: int) -> dict:
+    """generate in each memory mode, each pipeline built afresh from host copies of the same random weights; the
+    first mode is the reference for the images and maps."""
     t5_tokenizer = t5.T5Tokenizer.from_folder(ROOT / "shapes" / "weights" / "tokenizer_2")
     out, reference = {}, None
-    for mode in MEMORY_MODES:
+    for mode in modes:
         models = {}
         for name, (cls, config) in configs.items():
             with torch.device("meta"):
@@ -220,12 +221,12 @@ def mode_section(masters: dict, configs: dict, size: int, device, dtype, repeats
         maps = results[-1].maps
         if reference is None:
             reference = (image, maps)
-        out[mode] = {**stats, "setup_seconds": setup, "image_equal_to_full": bool(torch.equal(image, reference[0])),
+        out[mode] = {**stats, "setup_seconds": setup, "image_equal_to_first": bool(torch.equal(image, reference[0])),
                      "image_max_abs": float((image - reference[0]).abs().max()),
                      "image_mean_abs": float((image - reference[0]).abs().mean()),
                      "maps": agreement(maps, reference[1])}  # fmt: skip
         print(f"  {mode:8s} {stats['seconds']:7.2f} s  peak {stats['peak_allocated_gb']:6.2f} GB allocated, "
-              f"{stats['peak_reserved_gb']:6.2f} GB reserved  image == full: {out[mode]['image_equal_to_full']}, "
+              f"{stats['peak_reserved_gb']:6.2f} GB reserved  image == first: {out[mode]['image_equal_to_first']}, "
               f"maps correlation {out[mode]['maps']['correlation']:.4f}", flush=True)  # fmt: skip
         del pipe, results, run
     return out
@@ -244,10 +245,10 @@ def markdown(results: dict) -> str:
     lines += ["", f"| forward at {results['concept_size']}^2 | ms | x plain |", "|---|---|---|"]
     lines += [f"| {name} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.3f} |" for name, r in results["concepts"].items()]
     lines += ["", f"| generate {results['generate_size']}^2, 4 steps | s | peak allocated (GB) | peak reserved (GB) | "
-              "image == full | maps corr. with full |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "image == first | maps corr. with first |", "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | {r['seconds']:.2f} | {r['peak_allocated_gb']:.2f} | {r['peak_reserved_gb']:.2f} | "
-                     f"{r['image_equal_to_full']} | {r['maps']['correlation']:.4f} |")  # fmt: skip
+                     f"{r['image_equal_to_first']} | {r['maps']['correlation']:.4f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -258,12 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny configs (tests, smoke): sizes 32 and 64, 32 tokens")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 7; tiny 2)")
     parser.add_argument("--generate-repeats", type=int, default=2, help="timed generate runs per memory mode")
+    parser.add_argument("--sizes", type=int, nargs="+", help="square sizes of the step (default 512 1024; tiny 32 64)")
+    parser.add_argument("--modes", nargs="+", choices=MEMORY_MODES, default=list(MEMORY_MODES),
+                        help="memory modes for generate (default: all; the first is the reference)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.tiny
     repeats = args.repeats or (2 if tiny else 7)
     sizes, text = ((32, 64), 32) if tiny else ((512, 1024), 256)
+    sizes = tuple(args.sizes) if args.sizes else sizes
     flux_config = mmdit.CONFIGS["tiny" if tiny else "flux-schnell"]
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
                "config": "tiny" if tiny else "flux-schnell", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
             masters[name] = {k: v.to("cpu") for k, v in module.state_dict().items()}
             del module
         print(f"generate at {sizes[-1]}^2, {len(CONCEPTS)} concepts, per memory mode:", flush=True)
-        results["modes"] = mode_section(masters, configs, sizes[-1], device, dtype, args.generate_repeats, text)
+        results["modes"] = mode_section(masters, configs, args.modes, sizes[-1], device, dtype,
+                                        args.generate_repeats, text)  # fmt: skip
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

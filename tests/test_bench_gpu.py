@@ -30,5 +30,5 @@ def test_bench_gpu_cpu_mode(tmp_path):
     modes = results["modes"]
     assert list(modes) == list(MEMORY_MODES)
     for mode in ("offload", "stream"):  # the same kernels on the same weights
-        assert modes[mode]["image_equal_to_full"] and modes[mode]["maps"]["max_abs"] == 0.0
+        assert modes[mode]["image_equal_to_first"] and modes[mode]["maps"]["max_abs"] == 0.0
     assert modes["fp8"]["maps"]["correlation"] > 0.99
