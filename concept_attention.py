@@ -503,7 +503,7 @@ def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFa
     else:
         check_t(args.t)
         check_count(args.samples, "--samples", 1)
-    check_seed(args.seed, count)
+    check_seed(args.seed, 1 if args.command == "generate" else args.samples)
     if settings.steps is not None and max(settings.steps) >= count:
         what = "sampling steps (--num-steps)" if args.command == "generate" else "noise samples (--samples)"
         raise ValueError(f"--steps-used {list(settings.steps)}: there are only {count} {what}")
