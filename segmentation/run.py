@@ -267,7 +267,7 @@ class MapCache:
             if not isinstance(maps, dict) or not all(isinstance(v, torch.Tensor) for v in maps.values()):
                 raise TypeError("its maps are not a dict of tensors")
         except Exception as error:  # truncated, not a torch file, or another layout: any of these means recompute
-            reason = (str(error).strip().splitlines() or [""])[0]
+            reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
             print(f"warning: cache file {path} is damaged ({type(error).__name__}: {reason}); recomputing it",
                   file=sys.stderr)  # fmt: skip
             self.damaged += 1
