@@ -14,6 +14,7 @@ Notable features:
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,3 +91,24 @@ def build(ae, tok, seeds: list[int], config: SceneConfig, options: CaptionOption
             tokens.append(tok(flat, max_length).reshape(len(captions), variants, max_length).to(device))
             bar.update(len(images))
     return Bank(torch.cat(encoded) if latents is None else latents.to(device), torch.cat(tokens))
+
+
+def key(recipe) -> dict:
+    """What a bank's contents depend on (fields of a `shapes.train.Recipe`): a bank serves recipes with its key."""
+    fields = ("world", "size", "scenes", "max_length", "caption_variants", "background_phrase", "single_word",
+              "colourless", "positions")  # fmt: skip
+    return {name: getattr(recipe, name) for name in fields}
+
+
+def save(data: Bank, recipe, path: Path) -> Path:
+    torch.save({"key": key(recipe), "latents": data.latents.cpu(), "tokens": data.tokens.cpu()}, path)
+    return path
+
+
+def load(path: Path, recipe, device: str) -> Bank:
+    """A bank written by `save`, refused when it was drawn for a recipe with another key."""
+    saved = torch.load(path, map_location=device)
+    if saved["key"] != key(recipe):
+        differ = sorted(k for k in saved["key"] if saved["key"][k] != key(recipe)[k])
+        raise ValueError(f"{path} was drawn for another recipe (fields {differ} differ): rebuild it or drop --bank")
+    return Bank(saved["latents"], saved["tokens"])

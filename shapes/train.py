@@ -360,6 +360,7 @@ def train(
     batch_probe: tuple[int, ...] = (),
     probe_seconds: float = 20.0,
     eval_minutes: float | None = None,
+    bank_file: Path | None = None,
 ) -> Recipe:
     """Train into `out`; returns the recipe as run (the batch probe may change batch, lr and steps).
 
@@ -367,7 +368,8 @@ def train(
     to out/checkpoint every `checkpoint_seconds` and at the end, and `resume` continues from it (the run's own recipe,
     seed and autoencoder); every evaluation's weights go to out/steps/NNNNNN. `workers` processes draw the scenes;
     `batch_probe` lists batch sizes to time for `probe_seconds` in all (`choose_batch`, `scaled_for_batch`);
-    `eval_minutes` adds an evaluation whenever that much time has passed since the last one."""
+    `eval_minutes` adds an evaluation whenever that much time has passed since the last one; `bank_file` is a bank
+    drawn ahead (`shapes.arms`)."""
     out.mkdir(parents=True, exist_ok=True)
     if resume and reuse is None:
         reuse = out  # the run trained its own autoencoder: it is in the run's folder
@@ -389,8 +391,11 @@ def train(
     options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
     cached = cache.get("train")
     cached = cached[: recipe.scenes].to(device) if cached is not None and len(cached) >= recipe.scenes else None
-    data = bank.build(ae, tok, list(range(recipe.scenes)), scene_config(recipe), options, recipe.max_length,
-                      recipe.caption_variants, device, workers, latents=cached, progress=False)  # fmt: skip
+    if bank_file is not None:
+        data = bank.load(bank_file, recipe, device)
+    else:
+        data = bank.build(ae, tok, list(range(recipe.scenes)), scene_config(recipe), options, recipe.max_length,
+                          recipe.caption_variants, device, workers, latents=cached, progress=False)  # fmt: skip
     held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
     held_captions = [s.caption for s in held_scenes]
     held_latents = encode_scenes(ae, held_out_seeds(recipe.eval_scenes), scene_config(recipe), device)
@@ -503,6 +508,7 @@ def main() -> None:
         "step stays within 1.5x of the smallest's is used, lr scaled by sqrt(batch ratio)",
     )
     parser.add_argument("--probe-seconds", type=float, default=20.0, help="the batch probe's time, all sizes together")
+    parser.add_argument("--bank", type=Path, default=None, help="a bank.pt drawn ahead by shapes.arms")
     parser.add_argument("--eval-minutes", type=float, default=None, help="also evaluate every this many minutes")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its own recipe)")
     for field in dataclasses.fields(Recipe):
@@ -526,7 +532,7 @@ def main() -> None:
         parser.error("give --out DIR (a new run) or --resume DIR (continue one)")
     train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None,
           workers=args.workers, batch_probe=tuple(args.batch_probe), probe_seconds=args.probe_seconds,
-          eval_minutes=args.eval_minutes)  # fmt: skip
+          eval_minutes=args.eval_minutes, bank_file=args.bank)  # fmt: skip
 
 
 def parse_bool(text: str) -> bool:
