@@ -11,7 +11,7 @@ from PIL import Image
 
 import imaging
 import saliency
-from concept_attention import text_warnings
+from checks import text_warnings
 from saliency import ConceptResult, OutputFolder, Settings, check_concepts
 
 
