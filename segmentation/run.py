@@ -402,8 +402,14 @@ def previous_hash(out: Path) -> str | None:
 
 def same_run(out: Path, world_size: int, config_hash: str) -> list[Path]:
     """The shard files of `world_size` in OUT/shards written with these settings (others are an earlier run's)."""
-    files = sorted((out / "shards").glob(f"rank-*-of-{world_size}.json"))
-    return [f for f in files if json.loads(f.read_text()).get("config_hash") == config_hash]
+
+    def settings(file: Path) -> str | None:
+        try:
+            return json.loads(file.read_text()).get("config_hash")
+        except (OSError, ValueError, AttributeError):  # damaged: not this run's (merge names it)
+            return None
+
+    return [f for f in sorted((out / "shards").glob(f"rank-*-of-{world_size}.json")) if settings(f) == config_hash]
 
 
 def merge(out: str | Path, world_size: int | None = None, config_hash: str | None = None) -> dict:
