@@ -199,3 +199,13 @@ def test_interrupted_save_leaves_the_earlier_result(tmp_path, monkeypatch):
         fake_result(["dog"], value=2.0).save(out)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_two_runs_into_one_folder_never_mix(tmp_path):
+    out = tmp_path / "out"
+    first, second = OutputFolder(out, ["cat", "sky"]), OutputFolder(out, ["dog"])  # both started before either ends
+    second.write(fake_result(["dog"]))
+    first.write(fake_result(["cat", "sky"]))  # the last to finish wins, whole
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["00_cat.png", "01_sky.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["00_cat.png", "01_sky.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
