@@ -29,8 +29,8 @@ from segmentation import (
     two_channel_average_precision,
 )
 from segmentation.__main__ import main
+from segmentation.cache import weights_fingerprint
 from segmentation.metrics import image_stats
-from segmentation.run import weights_fingerprint
 
 # ---- fixtures in the real formats ----------------------------------------------------------------------------------
 
