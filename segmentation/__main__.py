@@ -117,7 +117,7 @@ def choose_device(text: str | None) -> str:
     from concept_attention import check_device
 
     if text is None:
-        return f"cuda:{environment_int('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        text = f"cuda:{environment_int('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     return str(check_device(text))
 
 

@@ -8,7 +8,7 @@ later run with more methods only computes what is missing; each entry records wh
 
 Everything that can be checked without the model is checked first (`prepare`): the methods, the output folder, every
 selected image's size against its mask and its concepts under the class map. The command line then checks the layers
-against the checkpoint's config before loading the weights.
+against the checkpoint's headers before loading the weights.
 
 Sharding: rank r of w takes every w-th selected image (`RANK`/`WORLD_SIZE` from torchrun, or explicit arguments) and
 writes `OUT/shards/rank-r-of-w.json` with per-image sufficient statistics (intersections, unions, correct, labelled and
@@ -198,9 +198,10 @@ def prepare(dataset, protocol: Protocol, methods: list[Method], out: str | Path,
             raise ValueError(f"image {dataset.key(i)} is {size} (H, W) and its mask {mask.shape}; they must match")
         if (len(selected) - 1) % world_size == rank:
             concepts[i] = concepts_for(protocol, present, names, class_map)
+    if not selected and binary:
+        raise ValueError(f"no image qualifies under {protocol.name}: it scores images whose label holds one class only")
     if not selected:
-        rule = "whose label holds exactly one class" if binary else ""
-        raise ValueError(f"no image of the dataset qualifies under {protocol.name} (it scores images {rule})")
+        raise ValueError("the dataset has no images")
     config = {"protocol": protocol.to_json(), "dataset": dataset.describe(), "model": model, "class_map": class_map,
               "limit": limit, "selected": len(selected), "methods": [m.name for m in methods]}  # fmt: skip
     class_names = ("background", "object") if binary else tuple(dataset.class_names)
