@@ -10,6 +10,7 @@ Notable features:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ _INFERNO = np.array(
 
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 million pixels)
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # where Pillow refuses a decompression bomb: about 179 million pixels
 
 
 def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -49,14 +50,16 @@ def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) 
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(
-                    f"{path} is {im.width} x {im.height} pixels, above the {MAX_PIXELS} pixel limit for images "
-                    "(a possible decompression bomb); resize it first"
-                )
-            im.load()
-            return to_rgb(ImageOps.exif_transpose(im), path, background)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked here instead
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ValueError(
+                        f"{path} is {im.width} x {im.height} pixels, above the {MAX_PIXELS} pixel limit for images "
+                        "(a possible decompression bomb); resize it first"
+                    )
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im), path, background)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: {err}; resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -37,14 +38,15 @@ TOKEN_RULES = ("first", "mean", "pieces")
 def check_indices(value, what: str) -> tuple[int, ...]:
     """A non-empty collection of distinct non-negative ints (a single int is one index); strings are refused, so that
     "12" never becomes (1, 2)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value,)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"{what} = {value!r}: give a tuple of block or step indices, e.g. (12,) or (14, 15, 16, 17)")
     value = tuple(value)
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
-        bad = next(i for i in value if isinstance(i, bool) or not isinstance(i, int))
-        raise ValueError(f"{what} = {value!r}: {bad!r} is not an integer index")
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"{what} = {value!r}: {i!r} is not an integer index")
+    value = tuple(int(i) for i in value)
     if not value or min(value) < 0 or len(set(value)) != len(value):
         raise ValueError(f"{what} = {value}: give distinct non-negative indices (at least one), or None for all")
     return value
@@ -73,8 +75,10 @@ class Settings:
             if value not in allowed:
                 raise ValueError(f"Settings.{name} = {value!r}; choose one of {', '.join(allowed)}")
         for name in ("softmax", "normalize", "value_per_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Settings.{name} = {getattr(self, name)!r}; give True or False")
+            value = getattr(self, name)
+            if isinstance(value, str) or value not in (True, False):  # "no" would read as True
+                raise ValueError(f"Settings.{name} = {value!r}; give True or False")
+            object.__setattr__(self, name, bool(value))
         for name in ("layers", "steps"):
             value = getattr(self, name)
             if value is not None:

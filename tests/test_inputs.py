@@ -109,7 +109,7 @@ def test_memory_estimate_refuses_huge_sizes():
 def test_settings_and_concepts_refuse_what_would_be_misread():
     with pytest.raises(ValueError, match="'12'"):
         Settings(layers="12")  # would have become (1, 2)
-    assert Settings(layers=12).layers == (12,)
+    assert Settings(layers=12).layers == (12,) and Settings(layers=(np.int64(3),)).layers == (3,)
     for bad in [(), (1.5,), (True,), (3, 3), (-1,)]:
         with pytest.raises(ValueError, match="Settings.steps"):
             Settings(steps=bad)
