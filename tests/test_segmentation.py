@@ -161,6 +161,9 @@ def test_voc_reader_errors(tmp_path):
     Image.new("RGB", (32, 32)).save(base / "SegmentationClass" / "a.png")
     with pytest.raises(ValueError, match="a.png: mode RGB"):
         VOCSegmentation(tmp_path).label(0)
+    (base / "ImageSets/Segmentation/val.txt").write_text("a\na\n")
+    with pytest.raises(ValueError, match="val.txt lists a twice"):
+        VOCSegmentation(tmp_path)
     (base / "ImageSets/Segmentation/val.txt").unlink()
     with pytest.raises(FileNotFoundError, match="val.txt"):
         VOCSegmentation(tmp_path)
