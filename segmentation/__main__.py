@@ -114,7 +114,7 @@ def choose_device(text: str | None) -> str:
     """The device to run on, after checking it exists here: cuda:$LOCAL_RANK when a GPU is present, else cpu."""
     import torch
 
-    from concept_attention import check_device
+    from checks import check_device
 
     if text is None:
         text = f"cuda:{environment_int('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
