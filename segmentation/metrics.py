@@ -72,22 +72,30 @@ def confusion(pred: np.ndarray, label: np.ndarray, num_classes: int) -> tuple[np
     p, y = pred[valid], label[valid]
     if p.size and (p.min() < 0 or p.max() >= num_classes or y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"class indices must lie in [0, {num_classes}) (255 = ignore in labels)")
-    hit = p == y
-    intersection = np.bincount(y[hit], minlength=num_classes)
-    union = np.bincount(p, minlength=num_classes) + np.bincount(y, minlength=num_classes) - intersection
-    return intersection, union, int(hit.sum()), int(valid.sum()), int((~valid).sum())
+    counts = np.bincount(y * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)  # [y, p]
+    intersection = np.diagonal(counts)
+    union = counts.sum(0) + counts.sum(1) - intersection
+    return intersection, union, int(intersection.sum()), p.size, label.size - p.size
 
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Non-interpolated AP: sum over distinct score thresholds of (recall step) x precision. NaN without positives."""
+    """Non-interpolated AP: sum over distinct score thresholds of (recall step) x precision. NaN without positives.
+
+    Maps upsampled from the token grid hold long runs of equal neighbouring scores, so the pixels are first merged
+    into runs (value, pixel count, positive count) and only the runs are sorted; the counts at each threshold, hence
+    the result, are exactly those of sorting every pixel."""
     scores, positives = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positives).ravel().astype(bool)
     if not positives.any():
         return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    scores, positives = scores[order], positives[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each group of tied scores
-    tp = np.cumsum(positives)[last]
-    precision = tp / (last + 1)
+    ends = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), scores.size - 1]  # last pixel of each run
+    values = scores[ends]
+    pixels = np.diff(ends, prepend=-1)
+    hits = np.diff(np.cumsum(positives)[ends], prepend=0)
+    order = np.argsort(-values)  # any order within ties: tied runs are grouped below
+    values, pixels, hits = values[order], pixels[order], hits[order]
+    last = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]  # last run of each group of tied scores
+    tp = np.cumsum(hits)[last]  # positives scoring at least each distinct score
+    precision = tp / np.cumsum(pixels)[last]
     recall = tp / tp[-1]
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 

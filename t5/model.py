@@ -15,7 +15,9 @@ Follows transformers' `T5EncoderModel` (modeling_t5.py: `T5Stack`, `T5Block`, `T
 The maths (FLUX.1 checkpoint notes, section 4.3): no sqrt(d_model) scaling of the embeddings; RMS norm computed in
 float32 with no mean and no bias; attention scores are NOT divided by sqrt(d_kv) (T5 folds that into its init); the
 relative position bias is computed once from block 0's table and added in every layer; no attention mask by default
-(Flux runs T5 over the padding tokens too). Shape letters: B batch, L tokens, H heads, D head dim.
+(Flux runs T5 over the padding tokens too). Attention runs through `scaled_dot_product_attention` with the position bias
+(plus any padding bias) as its float mask and `scale=1.0`; `manual_attention=True` writes the L x L scores out instead
+(readable, about twice as slow on the CPU), as `mmdit` does. Shape letters: B batch, L tokens, H heads, D head dim.
 """
 
 import math
@@ -42,6 +44,7 @@ class T5Config:
     relative_attention_num_buckets: int
     relative_attention_max_distance: int
     layer_norm_epsilon: float
+    manual_attention: bool = False  # no parameters: SDPA, or the readable manual attention
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads"):
@@ -146,6 +149,7 @@ class Attention(nn.Module):
         super().__init__()
         inner = config.num_heads * config.d_kv
         self.num_heads = config.num_heads
+        self.manual_attention = config.manual_attention
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.q = nn.Linear(config.d_model, inner, bias=False)
@@ -166,10 +170,12 @@ class Attention(nn.Module):
         q = rearrange(self.q(x), "B L (H D) -> B H L D", H=self.num_heads)
         k = rearrange(self.k(x), "B L (H D) -> B H L D", H=self.num_heads)
         v = rearrange(self.v(x), "B L (H D) -> B H L D", H=self.num_heads)
-        scores = q @ k.transpose(-1, -2) + bias  # (B, H, L, L); no 1/sqrt(D)
-        weights = scores.float().softmax(dim=-1).to(v.dtype)
-        out = rearrange(weights @ v, "B H L D -> B L (H D)")
-        return self.o(out)
+        if self.manual_attention:
+            scores = q @ k.transpose(-1, -2) + bias  # (B, H, L, L); no 1/sqrt(D)
+            out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # the bias is a float mask
+        return self.o(rearrange(out, "B H L D -> B L (H D)"))
 
 
 class GatedFeedForward(nn.Module):

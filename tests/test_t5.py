@@ -63,14 +63,20 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def test_matches_transformers_fp32(pair):
+@pytest.mark.parametrize("manual", [False, True], ids=["sdpa", "manual"])
+def test_matches_transformers_fp32(pair, manual):
     ours, hf = pair
+    if manual:  # the same weights through the readable L x L path
+        ours = T5Encoder(replace(TINY, manual_attention=True)).eval()
+        ours.load_state_dict(pair[0].state_dict(), strict=True)
     ids, mask = batch()
-    # fp32 tolerance 1e-5: the same maths on O(1) values; only summation order and the GELU kernel (torch's tanh
-    # GELU against transformers' explicit formula) differ, each ~1e-7.
+    # fp32 tolerance 1e-5: the same maths on O(1) values (outputs up to ~4); only summation order, the GELU kernel
+    # (torch's tanh GELU against transformers' explicit formula, ~1e-7) and, on the SDPA path, the fused kernel's
+    # softmax (~5e-6, as between transformers' own SDPA and eager paths) differ.
     unmasked = (ours(ids) - hf(input_ids=ids).last_hidden_state).abs().max().item()  # how Flux runs T5
     masked = (ours(ids, mask) - hf(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max().item()
-    print(f"T5 fp32 max abs error: no mask {unmasked:.2e}, with padding mask {masked:.2e}")
+    path = "manual" if manual else "SDPA"
+    print(f"T5 fp32 ({path}) max abs error: no mask {unmasked:.2e}, with padding mask {masked:.2e}")
     assert unmasked <= 1e-5 and masked <= 1e-5
     # the mask must matter (padding is attended to without it), or the masked comparison would test nothing
     assert (ours(ids, mask) - ours(ids)).abs().max() > 1e-3

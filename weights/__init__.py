@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import autoencoder
 import clip
@@ -74,6 +75,22 @@ def resolve_device_dtype(component: str, device, dtype: torch.dtype | None) -> t
     return device, dtype
 
 
+class SkipInit(TorchFunctionMode):
+    """Inside this context `torch.nn.init`'s initialisers return their tensor untouched.
+
+    A model built for a checkpoint has every weight overwritten, so its initialisers are wasted work; on the meta
+    device they are worse: `nn.Embedding`'s `normal_` goes through a decomposition that imports `torch._dynamo`
+    (about 2 s of a command's start-up, for nothing). Only the public initialisers dispatch here (`normal_`,
+    `uniform_`, `constant_`, `kaiming_uniform_`); the others fill meta tensors, which costs nothing.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build(
     cls: Callable,
     config,
@@ -87,7 +104,7 @@ def build(
 ) -> nn.Module:
     """Build `cls(config)` on the meta device, check it against the files, fill it; frozen and in eval mode."""
     device, dtype = resolve_device_dtype(component, device, dtype)
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInit():
         model = cls(config)
     plan = plan_load(model, tensors, rules, ignore, found.where)
     fill(model, plan, device, dtype)
