@@ -1,14 +1,15 @@
 r"""Several training recipes at once on one device: one shared bank of scenes, N concurrent `shapes.train` processes.
 
-    python -m shapes.arms --out $OUT/arms --ae runs/ae-shaded --device cuda --minutes 6 --workers 16 \
+    python -m shapes.arms --out $OUT/arms --device cuda --minutes 6 --workers 16 \
         --common "--world shaded --t5-layers 0 --scenes 50000 --bf16 true --batch-probe 256 1024 4096" \
         --arm A "--isolate 0.5" --arm B "--isolate 1.0 --isolate-anneal 0.6" \
         --arm C "--isolate 1.0 --eval-isolated true"
 
-A model this small leaves a large GPU mostly idle, so the arms share it as separate processes. The training scenes
-are drawn and encoded once (`--workers` processes draw, the device encodes) into OUT/bank.pt, which every arm loads;
-each arm then writes its own folder OUT/NAME (log, checkpoints, weights, `stdout.txt`). When all have stopped,
-OUT/summary.md tables the last evaluation of each arm. The exit code is non-zero when an arm failed.
+A model this small leaves a large GPU mostly idle, so the arms share it as separate processes. The autoencoder is
+trained first into OUT/ae unless `--ae` names one; the training scenes are drawn and encoded once (`--workers`
+processes draw, the device encodes) into OUT/bank.pt, which every arm loads; each arm then writes its own folder
+OUT/NAME (log, checkpoints, weights, `stdout.txt`). When all have stopped, OUT/summary.md tables the last evaluation
+of each arm. The exit code is non-zero when an arm failed.
 """
 
 import argparse
@@ -20,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from autoencoder import AutoEncoder, AutoEncoderConfig
 from shapes import bank
-from shapes.train import Recipe, scene_config, train_tokenizer
+from shapes.train import Recipe, ae_config, scene_config, train_autoencoder, train_tokenizer
 
 SUMMARY = {
     "step": "step",
@@ -54,15 +55,29 @@ def recipe_from_flags(flags: list[str]) -> Recipe:
     return Recipe(**values)
 
 
-def prepare_bank(recipe: Recipe, ae_folder: Path, out: Path, device: str, workers: int) -> Path:
-    """Draw, encode and tokenise the recipe's training scenes once, into out/bank.pt (loaded by every arm)."""
-    ae = AutoEncoder(AutoEncoderConfig(**json.loads((ae_folder / "ae_config.json").read_text())))
-    ae.load_state_dict(load_file(ae_folder / "ae.safetensors"), strict=True)
+def prepare_bank(recipe: Recipe, ae_folder: Path | None, out: Path, device: str, workers: int) -> tuple[Path, Path]:
+    """Draw, encode and tokenise the recipe's training scenes once, into out/bank.pt (loaded by every arm). Without
+    `ae_folder` the autoencoder is trained here first (`train_autoencoder`, seconds on a GPU), its latent shift and
+    scale measured on the bank itself, and saved to out/ae. Returns the bank's path and the autoencoder's folder."""
     tok = train_tokenizer(out / "tokenizer_2", 0)
     options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
+    if ae_folder is not None:
+        ae = AutoEncoder(AutoEncoderConfig(**json.loads((ae_folder / "ae_config.json").read_text())))
+        ae.load_state_dict(load_file(ae_folder / "ae.safetensors"), strict=True)
+    else:
+        ae = train_autoencoder(recipe, device, 0, lambda record: print(json.dumps(record), flush=True))
     data = bank.build(ae.to(device).eval(), tok, list(range(recipe.scenes)), scene_config(recipe), options,
                       recipe.max_length, recipe.caption_variants, device, workers)  # fmt: skip
-    return bank.save(data, recipe, out / "bank.pt")
+    if ae_folder is None:  # latents of unit spread around zero, as train.autoencoder_stage makes them
+        shift, scale = data.latents.mean().item(), 1.0 / data.latents.std().item()
+        data.latents = scale * (data.latents - shift)
+        scaled = AutoEncoder(ae_config(recipe, scale, shift))
+        scaled.load_state_dict(ae.state_dict(), strict=True)
+        ae_folder = out / "ae"
+        ae_folder.mkdir(parents=True, exist_ok=True)
+        save_file(scaled.state_dict(), ae_folder / "ae.safetensors")
+        (ae_folder / "ae_config.json").write_text(json.dumps(dataclasses.asdict(scaled.config), indent=2) + "\n")
+    return bank.save(data, recipe, out / "bank.pt"), ae_folder
 
 
 def summary(out: Path, names: list[str]) -> str:
@@ -81,7 +96,12 @@ def summary(out: Path, names: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--ae", type=Path, required=True, help="a run folder with ae.safetensors and ae_config.json")
+    parser.add_argument(
+        "--ae",
+        type=Path,
+        default=None,
+        help="a folder with ae.safetensors and ae_config.json (default: train one first, in OUT/ae)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--minutes", type=float, required=True, help="each arm's budget for its transformer phase")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the scenes of the shared bank")
@@ -97,13 +117,14 @@ def main() -> None:
         shared = ", ".join(keys[names[0]])
         parser.error(f"the arms must agree on the bank's fields ({shared}): put them in --common")
     start = time.time()
-    path = prepare_bank(recipe_from_flags(shlex.split(args.common)), args.ae, args.out, args.device, args.workers)
+    recipe = recipe_from_flags(shlex.split(args.common))
+    path, ae_folder = prepare_bank(recipe, args.ae, args.out, args.device, args.workers)
     print(f"bank ready in {time.time() - start:.0f} s: {path}", flush=True)
     processes = {}
     for name, flags in args.arm:
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "shapes.train", "--out", str(folder), "--ae", str(args.ae), "--device",
+        command = [sys.executable, "-m", "shapes.train", "--out", str(folder), "--ae", str(ae_folder), "--device",
                    args.device, "--minutes", str(args.minutes), "--bank", str(path), *shlex.split(args.common),
                    *shlex.split(flags)]  # fmt: skip
         (folder / "command.txt").write_text(shlex.join(command) + "\n")

@@ -384,24 +384,25 @@ def test_arms_share_one_bank_and_each_run_stops_on_its_budget(tmp_path):
     import subprocess
     import sys
 
-    from shapes.train import Recipe, train
-
     small = {k: v for k, v in TINY.items() if k not in ("batch", "lr", "warmup")}
-    recipe = Recipe(world="shaded", t5_layers=0, steps=2, eval_every=1000, **small)
-    train(recipe, tmp_path / "ae", "cpu", seed=0)  # an autoencoder to share, as a device run carries one
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in small.items() if not k.startswith("ae"))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in small.items())
     flags = f"--world shaded --t5-layers 0 --steps 100000 {flags}"
-    command = [sys.executable, "-m", "shapes.arms", "--out", str(tmp_path / "arms"), "--ae", str(tmp_path / "ae"),
-               "--device", "cpu", "--minutes", "0.02", "--common", flags,
-               "--arm", "A", "--isolate 0.5", "--arm", "C", "--isolate 1.0 --eval-isolated true"]  # fmt: skip
+    command = [sys.executable, "-m", "shapes.arms", "--out", str(tmp_path / "arms"), "--device", "cpu", "--minutes",
+               "0.02", "--common", flags, "--arm", "A", "--isolate 0.5", "--arm", "C",
+               "--isolate 1.0 --eval-isolated true"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "arms" / "ae" / "ae.safetensors").is_file()  # trained once, before the arms
+    bank = torch.load(tmp_path / "arms" / "bank.pt")
+    print("bank latents: mean", bank["latents"].mean().item(), "std", bank["latents"].std().item())
+    assert abs(bank["latents"].mean().item()) < 1e-4 and abs(bank["latents"].std().item() - 1) < 1e-4
     for arm, isolate in (("A", 0.5), ("C", 1.0)):
         folder = tmp_path / "arms" / arm
         records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
         assert records[0]["isolate"] == isolate
         assert 0 < records[-1]["step"] < 100000  # stopped by the budget, evaluated and saved
         assert (folder / "flux.safetensors").is_file() and (folder / "checkpoint" / "state.pt").is_file()
+        assert (folder / "ae.safetensors").read_bytes() == (tmp_path / "arms" / "ae" / "ae.safetensors").read_bytes()
     assert "| A |" in (tmp_path / "arms" / "summary.md").read_text()
     # arms that would need different banks are refused before anything is drawn
     bad = command[:]
