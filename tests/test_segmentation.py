@@ -643,3 +643,35 @@ def test_stale_shards_are_not_merged(tmp_path):
     results = run(pipe, data, multi, new, tmp_path / "out", rank=1, **kw)
     assert [m["name"] for m in results["methods"]] == [new[0].name]
     assert results["config_hash"] == json.loads((tmp_path / "out" / "results.json").read_text())["config_hash"]
+
+
+# ---- average precision on runs of equal scores (issue 17: the metrics' fast path) ----------------------------------
+
+
+def test_average_precision_on_runs_matches_sklearn():
+    """AP merges runs of equal neighbouring scores before sorting. It must equal scikit-learn's (tolerance 1e-12: exact
+    counts, float rounding only) on maps upsampled from a token grid (runs of 16 whose labels change inside a run), on
+    the same pixels shuffled (each tied score spread over many runs), on coarse and continuous scores, and on one
+    score only; and it must not depend on the pixel order."""
+    rng = np.random.default_rng(17)
+    y, x = np.mgrid[0:128, 0:128]
+    disc = np.hypot(x - 50.5, y - 70.5) < 23  # boundaries that do not follow the 16 x 16 cells
+    upsampled = np.kron(rng.random((8, 8)), np.ones((16, 16)))
+    order = rng.permutation(disc.size)
+    cases = {
+        "token grid": (upsampled, disc),
+        "token grid shuffled": (upsampled.ravel()[order], disc.ravel()[order]),
+        "coarse": (np.round(rng.random(5000), 2), rng.random(5000) < 0.2),
+        "continuous": (rng.random(3000), rng.random(3000) < 0.5),
+        "one score": (np.full(100, 0.3), rng.random(100) < 0.3),
+        "one pixel": (np.array([0.7]), np.array([True])),
+    }
+    errors = {}
+    for name, (scores, truth) in cases.items():
+        errors[name] = abs(average_precision(scores, truth) - average_precision_score(truth.ravel(), scores.ravel()))
+    print("AP max abs error against sklearn:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) <= 1e-12
+    assert average_precision(upsampled, disc) == pytest.approx(average_precision(*cases["token grid shuffled"]))
+    # one tie split over two runs counts as one threshold: (2 pixels, 1 positive) -> precision 1/2 at recall 1
+    assert average_precision([0.5, 0.2, 0.5], [1, 0, 0]) == pytest.approx(0.5)
+    assert average_precision([0.5, 0.2, 0.5], [0, 0, 1]) == pytest.approx(0.5)
