@@ -209,3 +209,10 @@ def test_two_runs_into_one_folder_never_mix(tmp_path):
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["00_cat.png", "01_sky.png"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["00_cat.png", "01_sky.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_native_size_comes_from_the_model(tmp_path):
+    from concept_attention import BUILTIN_MODEL, NATIVE_SIZE, native_size
+
+    assert native_size(BUILTIN_MODEL) == 128  # the built-in model's recipe: trained on 128 px scenes
+    assert native_size(tmp_path) == NATIVE_SIZE == 1024  # FLUX.1's, for any other model
