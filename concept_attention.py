@@ -83,6 +83,18 @@ def native_size(source: str | Path) -> int:
         return NATIVE_SIZE
 
 
+def sampling_defaults(source: str | Path) -> tuple[int, bool | None]:
+    """The sampling steps and schedule shift a model's recipe.json asks for (`sample_steps`, `sample_shift`; the
+    built-in model: 50 Euler steps, unshifted); else (4, None): schnell's 4 steps, shifted only for a guidance-distilled
+    (dev) transformer."""
+    recipe = Path(source) / "recipe.json"
+    try:
+        saved = json.loads(recipe.read_text()) if recipe.is_file() else {}
+        return int(saved.get("sample_steps", 4)), saved.get("sample_shift")
+    except (ValueError, TypeError, AttributeError):
+        return 4, None
+
+
 class ConceptAttentionPipeline:
     """Flux + its autoencoder and text encoders, with ConceptAttention maps collected during the same forwards.
 
@@ -109,6 +121,7 @@ class ConceptAttentionPipeline:
         self.clip_tokenizer = clip_tokenizer
         self.max_length, self.source = max_length, source
         self.native_size = native_size  # the long side explain() resizes to when not told a size
+        self.num_steps, self.schedule_shift = sampling_defaults(source) if source else (4, None)
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, device=None, dtype=None, offload: bool = False,
@@ -201,10 +214,13 @@ class ConceptAttentionPipeline:
         return result
 
     @torch.no_grad()
-    def generate(self, prompt: str, concepts: list[str], height: int = 1024, width: int = 1024, num_steps: int = 4,
+    def generate(self, prompt: str, concepts: list[str], height: int = 1024, width: int = 1024,
+                 num_steps: int | None = None,
                  seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False, guidance: float = 3.5,
                  progress: bool = True) -> ConceptResult:  # fmt: skip
-        """Sample an image exactly as Flux does (the concepts never change it) and collect the concept maps."""
+        """Sample an image exactly as Flux does (the concepts never change it) and collect the concept maps.
+        `num_steps` None: the model's own default (`self.num_steps`: 4 for schnell, its recipe's for a shapes model)."""
+        num_steps = self.num_steps if num_steps is None else num_steps
         concepts = check_concepts(concepts)
         check_size(height, width)
         check_count(num_steps, "num_steps", 1, MAX_STEPS)
@@ -220,7 +236,8 @@ class ConceptAttentionPipeline:
         concept_input = self._concept_input(tokens, settings, layers, keep_grid)
         img = pack(get_noise(1, height, width, seed, self.device, self.dtype))  # (1, N, 64)
         ids, tids = image_ids(1, height, width).to(self.device), text_ids(1, txt.shape[1]).to(self.device)
-        timesteps = get_schedule(num_steps, img.shape[1], shift=self.flux.config.guidance_embed)
+        shift = self.flux.config.guidance_embed if self.schedule_shift is None else self.schedule_shift
+        timesteps = get_schedule(num_steps, img.shape[1], shift=shift)
         g = (
             torch.full((1,), guidance, device=self.device, dtype=self.dtype)
             if self.flux.config.guidance_embed
@@ -352,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate an image and its concept maps")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--num-steps", type=int, default=4, help="sampling steps (4 for schnell)")
+    gen.add_argument("--num-steps", type=int, default=None,
+                     help="sampling steps (default: the model's own, 4 for schnell, 50 for shapes)")  # fmt: skip
     exp = sub.add_parser("explain", help="concept maps for a given image")
     exp.add_argument("--image", required=True, help="PNG/JPEG file")
     exp.add_argument("--prompt", default="", help="caption used as the prompt (default: empty)")
@@ -401,6 +419,7 @@ class ModelFacts:
     max_length: int
     native_size: int
     tokenizer: object
+    num_steps: int = 4  # the model's default sampling steps
 
 
 def model_facts(source: str | Path) -> ModelFacts:
@@ -416,11 +435,14 @@ def model_facts(source: str | Path) -> ModelFacts:
     return ModelFacts(
         str(source), depth, embed.shape[0] if embed else 3072, ae.shape[0] if ae else 128,
         weights.t5_max_length(source), native_size(source), weights.load_t5_tokenizer(source),
+        sampling_defaults(source)[0],
     )  # fmt: skip
 
 
 def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFacts) -> tuple[int, int]:
     """Every check that needs no weights; -> the size the model will run at (explain: printed when resized)."""
+    if args.command == "generate" and args.num_steps is None:
+        args.num_steps = facts.num_steps
     count = args.num_steps if args.command == "generate" else args.samples
     if args.command == "generate":
         check_count(args.num_steps, "--num-steps", 1, MAX_STEPS)

@@ -185,3 +185,26 @@ def test_no_concepts_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         concept_attention.main(["generate", "--prompt", "a cat", "--concepts", "--out", "x"])
     assert exit_info.value.code == 2 and "--concepts" in capsys.readouterr().err
+
+
+def test_a_model_recipe_sets_the_default_sampling_steps_and_schedule(model_dir, tmp_path, capsys):
+    # a folder without recipe.json samples as schnell does: 4 unshifted steps
+    argv = ["generate", "--prompt", "a cat", "--concepts", "cat", "sky", "--size", "32"]
+    code, _, err = run(capsys, *argv, "--model", model_dir, "--out", tmp_path / "plain")
+    assert code == 0, err
+    record = json.loads((tmp_path / "plain" / "settings.json").read_text())
+    assert record["num_steps"] == 4 and record["timesteps"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # the same model with a recipe asking for 6 shifted steps: its schedule is dev's shifted one, not schnell's
+    own = tmp_path / "own"
+    own.mkdir()
+    for f in model_dir.iterdir():
+        (own / f.name).symlink_to(f)
+    (own / "recipe.json").write_text(json.dumps({"size": 32, "sample_steps": 6, "sample_shift": True}))
+    code, _, err = run(capsys, *argv, "--model", own, "--out", tmp_path / "shifted")
+    assert code == 0, err
+    record = json.loads((tmp_path / "shifted" / "settings.json").read_text())
+    assert record["num_steps"] == 6 and len(record["timesteps"]) == 7
+    assert record["timesteps"][3] > 0.5  # shifted towards noise: the midpoint of 6 steps lies above 0.5
+    code, _, err = run(capsys, *argv, "--model", own, "--num-steps", "3", "--out", tmp_path / "three")
+    assert code == 0, err
+    assert json.loads((tmp_path / "three" / "settings.json").read_text())["num_steps"] == 3  # the user's choice wins
