@@ -27,7 +27,7 @@ from segmentation import metrics
 from segmentation.datasets import FolderSegmentation
 from segmentation.protocols import Protocol
 from segmentation.run import method_grid, run
-from shapes.scenes import SceneConfig, held_out_seeds, make_scene
+from shapes.scenes import SceneConfig, held_out_seeds, make_scene, model_scenes
 
 SPACES = ("output", "attention", "value", "cross_attention")
 
@@ -43,18 +43,18 @@ def protocol(name: str, size: int, caption: str) -> Protocol:
     )  # fmt: skip
 
 
-def write_scenes(folder: Path, count: int, size: int, per_shape: bool) -> FolderSegmentation:
+def write_scenes(folder: Path, count: int, config: SceneConfig, per_shape: bool) -> FolderSegmentation:
     """Held-out scenes as a folder dataset (images/, masks/, concepts.json). With `per_shape`, one item per
     (scene, shape) with that shape's binary mask; otherwise one item per scene with an index mask of its shapes."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
     index: dict[str, list[str]] = {}
     for n, seed in enumerate(held_out_seeds(count)):
-        scene = make_scene(seed, SceneConfig(size=size))
+        scene = make_scene(seed, config)
         kinds = [kind for _, kind in scene.shapes]
         items = [(f"{n:04d}_{kind}", [kind]) for kind in kinds] if per_shape else [(f"{n:04d}", kinds)]
         for stem, classes in items:
-            mask = np.zeros((size, size), dtype=np.uint8)
+            mask = np.zeros((config.size, config.size), dtype=np.uint8)
             for k, kind in enumerate(classes, start=1):
                 mask[scene.masks[kind]] = k
             Image.fromarray(scene.image).save(folder / "images" / f"{stem}.png")
@@ -100,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     from concept_attention import ConceptAttentionPipeline
 
     pipe = ConceptAttentionPipeline.from_pretrained(args.model, device=args.device)
-    size = args.size or int(json.loads((Path(pipe.source) / "recipe.json").read_text())["size"])
+    config = model_scenes(pipe.source, args.size)  # the world the model was trained on, at its size
+    size = config.size
     depth = len(pipe.flux.double_blocks)
     layers = [None, *[(i,) for i in range(depth)]]
     out = Path(args.out)
     summary = {}
     for name in ("shapes-multi", "shapes-single"):
         binary = name == "shapes-single"
-        data = write_scenes(out / name / "data", args.scenes, size, per_shape=binary)
+        data = write_scenes(out / name / "data", args.scenes, config, per_shape=binary)
         methods = method_grid(SPACES, [True, False], layers, args.t, [False])
         results = run(pipe, data, protocol(name, size, args.caption), methods, out / name, model=args.model)
         summary[name] = {"methods": {m["name"]: m["metrics"] for m in results["methods"]},

@@ -1,8 +1,8 @@
 """`make demo`: the main job on the built-in shapes model, offline, on the CPU, in seconds.
 
-1. `concept_attention.py generate`: the model draws "a red circle at the top left and a blue star at the bottom
-   right on a white background" (its captions name positions) and the concept maps for circle, star and background
-   are collected during the same sampling;
+1. `concept_attention.py generate`: the model draws a caption of its own world that names colours and places ("a
+   red circle at the top left and a blue star at the bottom right on a white background" for the full world) and the
+   concept maps for its two shapes and background are collected during the same sampling;
 2. `concept_attention.py explain`: a held-out scene (a seed training never drew) is drawn, written with its true masks,
    and explained with the concepts of its shapes and "background".
 Everything lands in `out/demo/` (image, overlay, heatmaps, masks, maps, settings), and the commands are printed so
@@ -20,10 +20,16 @@ from PIL import Image
 
 import concept_attention
 from concept_attention import BUILTIN_MODEL
-from shapes.scenes import SceneConfig, held_out_seeds, make_scene
+from shapes.scenes import held_out_seeds, make_scene, model_scenes
 
-PROMPT = "a red circle at the top left and a blue star at the bottom right on a white background"
-CONCEPTS = ["circle", "star", "background"]
+PROMPTS = {  # per world (shapes.scenes.WORLDS): two shapes, their colours and places, and the background
+    "full": ("a red circle at the top left and a blue star at the bottom right on a white background", "circle",
+             "star"),
+    "simple": ("a red circle at the top left and a blue square at the bottom right on a black background", "circle",
+               "square"),
+    "shaded": ("a red circle at the top left and a blue square at the bottom right on a black background", "circle",
+               "square"),
+}  # fmt: skip
 
 
 def command(argv: list[str]) -> int:
@@ -35,13 +41,15 @@ def main(out: str = "out/demo") -> int:
     if not (BUILTIN_MODEL / "recipe.json").is_file():
         print(f"error: the built-in model is missing from {BUILTIN_MODEL}; train it with `python -m shapes.train`")
         return 2
-    size = int(json.loads((BUILTIN_MODEL / "recipe.json").read_text())["size"])
+    config = model_scenes(BUILTIN_MODEL)  # the world the model was trained on, at its size
+    size = config.size
+    prompt, *shapes = PROMPTS[json.loads((BUILTIN_MODEL / "recipe.json").read_text()).get("world", "full")]
     out_dir = Path(out)
-    code = command(["generate", "--model", "shapes", "--prompt", PROMPT, "--concepts", *CONCEPTS,
+    code = command(["generate", "--model", "shapes", "--prompt", prompt, "--concepts", *shapes, "background",
                     "--size", str(size), "--seed", "0", "--out", str(out_dir / "generate")])  # fmt: skip
     if code:
         return code
-    scene = make_scene(held_out_seeds(1, start=7)[0], SceneConfig(size=size))
+    scene = make_scene(next(s for s in held_out_seeds(50, start=7) if len(make_scene(s, config).shapes) == 2), config)
     (out_dir / "scene" / "true_masks").mkdir(parents=True, exist_ok=True)
     Image.fromarray(scene.image).save(out_dir / "scene" / "scene.png")
     concepts = [kind for _, kind in scene.shapes] + ["background"]

@@ -16,7 +16,9 @@ Notable features:
   painting, so the options never change a seed's image.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,6 +208,19 @@ def make_batch(seeds: list[int], config: SceneConfig = SceneConfig()) -> tuple[t
     """Images (B, 3, H, W) in [-1, 1], captions and the scenes themselves for a list of seeds."""
     scenes = [make_scene(s, config) for s in seeds]
     return to_tensor([s.image for s in scenes]), [s.caption for s in scenes], scenes
+
+
+def model_scenes(folder: str | Path, size: int | None = None) -> SceneConfig:
+    """The scenes a model folder was trained on: the world named by its recipe.json (the full world when there is no
+    recipe or it names none) at the recipe's size, or at `size`."""
+    path = Path(folder) / "recipe.json"
+    recipe = json.loads(path.read_text()) if path.is_file() else {}
+    if size is None and "size" not in recipe:
+        raise ValueError(f"{path} is missing, so the scene size is unknown: give it (--size)")
+    world = recipe.get("world", "full")
+    if world not in WORLDS:
+        raise ValueError(f"{Path(folder) / 'recipe.json'} names the world {world!r}; known: {sorted(WORLDS)}")
+    return SceneConfig(size=size or int(recipe["size"]), **WORLDS[world])
 
 
 def held_out_seeds(count: int, start: int = 0) -> list[int]:
