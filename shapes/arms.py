@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from autoencoder import AutoEncoder, AutoEncoderConfig
 from shapes import bank
-from shapes.train import Recipe, ae_config, scene_config, train_autoencoder, train_tokenizer
+from shapes.autoencoding import train_autoencoder, train_tokenizer
+from shapes.recipe import Recipe, ae_config, scene_config
 
 SUMMARY = {
     "step": "step",

@@ -94,7 +94,7 @@ def build(ae, tok, seeds: list[int], config: SceneConfig, options: CaptionOption
 
 
 def key(recipe) -> dict:
-    """What a bank's contents depend on (fields of a `shapes.train.Recipe`): a bank serves recipes with its key."""
+    """What a bank's contents depend on (fields of a `shapes.recipe.Recipe`): a bank serves recipes with its key."""
     fields = ("world", "size", "scenes", "max_length", "caption_variants", "background_phrase", "single_word",
               "colourless", "positions")  # fmt: skip
     return {name: getattr(recipe, name) for name in fields}

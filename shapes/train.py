@@ -12,7 +12,10 @@ steps (`shapes.eval`), and everything goes to DIR/log.jsonl. The `Recipe` defaul
 (about 30 minutes on a 2-core CPU with `--threads 1`; see shapes/MODEL_CARD.md).
 
 Notable features: `--ae DIR` reuses the autoencoder and cached latents of an earlier run, so experiments on the
-transformer cost only its own training; every recipe field is a command-line flag (`--hidden 192`, ...).
+transformer cost only its own training; every recipe field (`shapes.recipe.Recipe`) is a command-line flag
+(`--hidden 192`, ...); the training set is a bank on the device (`shapes.bank`: no host work per step); `--minutes`
+bounds the transformer phase, a whole checkpoint is written every minute and `--resume DIR` continues it exactly;
+`--batch-probe` picks the batch size on the device; `--bf16 true` and `--compile true` for GPUs.
 """
 
 import argparse
@@ -21,148 +24,23 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece
 import torch
-from einops import rearrange
-from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from autoencoder import AutoEncoder, AutoEncoderConfig
-from mmdit import Flux, FluxConfig
+from mmdit import Flux
 from sampling import image_ids, pack, text_ids
 from shapes import bank
 from shapes import eval as alignment
+from shapes.autoencoding import autoencoder_stage, encode_scenes, train_tokenizer
 from shapes.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from shapes.eval import isolation_mask
-from shapes.scenes import (
-    WORLDS,
-    SceneConfig,
-    corpus,
-    held_out_seeds,
-    make_batch,
-    make_scene,
-    training_seeds,
-)
-from t5 import T5Config, T5Encoder, T5Tokenizer
+from shapes.recipe import Recipe, flux_config, lr_at, scene_config, t5_config
+from shapes.scenes import held_out_seeds, make_scene
+from t5 import T5Encoder
 
-
-@dataclass(frozen=True)
-class Recipe:
-    size: int = 128  # image size; the transformer sees (size / 16)^2 tokens
-    world: str = "full"  # the scenes' vocabulary, a key of shapes.scenes.WORLDS ("simple": 3 shapes, 3 colours, black)
-    max_length: int = 32  # T5 tokens per caption (a concept is padded to this length too); longest caption: 28
-    scenes: int = 6000  # cached training scenes, seeds 0 .. scenes - 1
-    background_phrase: float = 0.5  # probability that a caption names the background
-    single_word: float = 0.5  # probability that a one-shape scene is captioned by its shape word alone
-    colourless: float = 0.0  # probability that a caption leaves out the colours
-    positions: float = 1.0  # probability that a caption says where each shape is
-    # autoencoder
-    ae_steps: int = 800
-    ae_batch: int = 16
-    ae_size: int = 32  # first phase: whole scenes drawn this small (a multiple of 8)
-    ae_full_steps: int = 300  # second phase: full-size scenes
-    ae_full_batch: int = 4
-    ae_lr: float = 2e-3
-    # transformer and text encoder
-    hidden: int = 128
-    heads: int = 4
-    depth: int = 4  # double-stream blocks
-    single: int = 1  # single-stream blocks
-    t5_dim: int = 64
-    t5_layers: int = 2
-    steps: int = 2000
-    batch: int = 32
-    lr: float = 5e-4
-    warmup: int = 200
-    t_sampler: str = "logit_normal"  # logit_normal | uniform
-    t_mean: float = 1.0  # location of the logit-normal: > 0 trains more at high noise, where the caption decides
-    isolate: float = 0.0  # share of training samples whose image tokens attend only to themselves and the text
-    isolate_anneal: float = 0.0  # if > 0: the share falls linearly from `isolate` to 0 over this fraction of the steps
-    caption_variants: int = 8  # captions drawn per training scene (with the options above), one picked per step
-    bf16: bool = False  # bf16 autocast for the training forward (weights and optimizer stay float32)
-    compile: bool = False  # torch.compile the transformer for training
-    eval_isolated: bool = False  # evaluate with image tokens isolated (the regime of a model trained with isolate 1)
-    sample_steps: int = 20  # the model's own sampling defaults (Euler steps, shifted schedule or not), used by
-    sample_shift: bool = False  # `generate --model` when the user does not set them
-    eval_every: int = 500
-    eval_scenes: int = 100
-
-    def __post_init__(self):
-        if self.size % 16:
-            raise ValueError(f"size must be a multiple of 16 (8 for the autoencoder x 2 for packing), got {self.size}")
-        if self.ae_size % 8:
-            raise ValueError(f"ae_size must be a multiple of the autoencoder's factor 8, got {self.ae_size}")
-        if self.hidden % self.heads or (self.hidden // self.heads) % 8:
-            raise ValueError(f"hidden / heads must be a multiple of 8 (RoPE axes), got {self.hidden} / {self.heads}")
-        if self.world not in WORLDS:
-            raise ValueError(f"world must be one of {sorted(WORLDS)}, got {self.world!r}")
-        if not 0.0 <= self.isolate <= 1.0:
-            raise ValueError(f"isolate is a share of the samples, got {self.isolate}")
-        if not 0.0 <= self.isolate_anneal <= 1.0:
-            raise ValueError(f"isolate_anneal is a fraction of the steps, got {self.isolate_anneal}")
-        if self.caption_variants < 1:
-            raise ValueError(f"caption_variants must be at least 1, got {self.caption_variants}")
-        if self.sample_steps < 1:
-            raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
-        if self.t_sampler not in ("logit_normal", "uniform"):
-            raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
-
-
-def scene_config(recipe: Recipe, size: int | None = None, **captions: float) -> SceneConfig:
-    """The scenes of `recipe`'s world at `size` (default: the recipe's), with caption options `captions`."""
-    return SceneConfig(size=size or recipe.size, **WORLDS[recipe.world], **captions)
-
-
-def flux_config(recipe: Recipe) -> FluxConfig:
-    head_dim = recipe.hidden // recipe.heads
-    axis = 3 * head_dim // 8  # rows and columns get 3/8 of the head each, the unused first axis 1/4 (Flux: 16/56/56)
-    return FluxConfig(
-        in_channels=64,
-        out_channels=64,
-        vec_in_dim=1,  # the pooled vector is always zero here
-        context_in_dim=recipe.t5_dim,
-        hidden_size=recipe.hidden,
-        mlp_ratio=4.0,
-        num_heads=recipe.heads,
-        depth=recipe.depth,
-        depth_single_blocks=recipe.single,
-        axes_dim=(head_dim - 2 * axis, axis, axis),
-        theta=10_000,
-        qkv_bias=True,
-        guidance_embed=False,
-    )
-
-
-def t5_config(recipe: Recipe, vocab_size: int) -> T5Config:
-    return T5Config(
-        vocab_size=vocab_size,
-        d_model=recipe.t5_dim,
-        d_kv=16,
-        d_ff=2 * recipe.t5_dim,
-        num_layers=recipe.t5_layers,
-        num_heads=recipe.t5_dim // 16,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        layer_norm_epsilon=1e-6,
-    )
-
-
-def ae_config(recipe: Recipe, scale_factor: float = 1.0, shift_factor: float = 0.0) -> AutoEncoderConfig:
-    return AutoEncoderConfig(
-        resolution=recipe.size,
-        in_channels=3,
-        ch=32,
-        out_ch=3,
-        ch_mult=(1, 1, 1, 1),
-        num_res_blocks=1,
-        z_channels=16,
-        scale_factor=scale_factor,
-        shift_factor=shift_factor,
-    )
+__all__ = ["Recipe", "train"]
 
 
 def initialize(flux: Flux) -> Flux:
@@ -176,81 +54,6 @@ def initialize(flux: Flux) -> Flux:
         if "_mod.lin" in name or "modulation" in name or name.startswith("final_layer.linear"):
             torch.nn.init.zeros_(param)
     return flux
-
-
-def train_tokenizer(folder: Path, seed: int) -> T5Tokenizer:
-    """A word-level SentencePiece model over the captions, with T5's special ids: every caption word is one piece
-    (a unigram model of this tiny corpus splits "background" into six pieces); unknown words become <unk>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(2000)),
-        model_prefix=str(folder / "spiece"),
-        model_type="word",
-        vocab_size=64,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        minloglevel=2,
-    )
-    (folder / "spiece.vocab").unlink(missing_ok=True)
-    return T5Tokenizer.from_folder(folder)
-
-
-def lr_at(step: int, recipe_steps: int, warmup: int, peak: float) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, recipe_steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train_autoencoder(recipe: Recipe, device: str, seed: int, log) -> AutoEncoder:
-    """Reconstruction (MSE) from the posterior mean, with a light L2 pull on the latents: first `ae_steps` on whole
-    scenes drawn at `ae_size` (cheap), then `ae_full_steps` on full-size scenes. The second phase is needed: with
-    32 channels in 32 GroupNorm groups every norm is an instance norm, and a model that only saw small scenes
-    reconstructs full-size ones with wrong colours (held-out MSE 0.25, see MODEL_CARD.md)."""
-    torch.manual_seed(seed)
-    ae = AutoEncoder(ae_config(recipe)).to(device)
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=recipe.ae_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    total = recipe.ae_steps + recipe.ae_full_steps
-    for step in range(total):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, 100, recipe.ae_lr)
-        small = step < recipe.ae_steps
-        size, batch = (recipe.ae_size, recipe.ae_batch) if small else (recipe.size, recipe.ae_full_batch)
-        x = make_batch(training_seeds(generator, batch), scene_config(recipe, size))[0].to(device)
-        mean = ae.encoder(x).chunk(2, dim=1)[0]  # (B, 16, h, w)
-        loss = (ae.decoder(mean) - x).pow(2).mean() + 1e-4 * mean.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == total - 1:
-            log({"stage": "ae", "step": step, "size": size, "loss": loss.item()})
-    return ae.eval()
-
-
-@torch.no_grad()
-def encode_scenes(ae: AutoEncoder, seeds: list[int], config: SceneConfig, device: str) -> torch.Tensor:
-    """Scaled latents (S, 16, size/8, size/8) of the scenes of `seeds`, in batches of 32."""
-    chunks = [ae.encode(make_batch(seeds[i : i + 32], config)[0].to(device)) for i in range(0, len(seeds), 32)]
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def reconstruction_check(ae: AutoEncoder, config: SceneConfig, path: Path, device: str) -> float:
-    """MSE of 32 held-out scenes at full size (pixels in [-1, 1]); eight originals above their reconstructions saved
-    to `path`."""
-    x = make_batch(held_out_seeds(32), config)[0].to(device)
-    rec = ae.decode(ae.encode(x)).clamp(-1, 1)
-    rows = torch.cat([x[:8], rec[:8]], dim=2)  # (8, 3, 2H, W)
-    Image.fromarray(((rearrange(rows, "B C H W -> H (B W) C") + 1) * 127.5).round().byte().cpu().numpy()).save(path)
-    return round((rec - x).pow(2).mean().item(), 5)
 
 
 def sample_t(generator: torch.Generator, batch: int, sampler: str, mean: float) -> Tensor:
@@ -319,32 +122,6 @@ def scaled_for_batch(recipe: Recipe, batch: int, step_seconds: float, minutes: f
     lr = recipe.lr * math.sqrt(batch / recipe.batch)
     steps = recipe.steps if minutes is None else max(1, int(0.85 * 60 * minutes / step_seconds))
     return dataclasses.replace(recipe, batch=batch, lr=lr, steps=steps)
-
-
-def autoencoder_stage(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None, log):
-    """The scaled autoencoder and the latent cache: an earlier run's (`reuse`), or trained and measured here."""
-    if reuse is not None:
-        config = AutoEncoderConfig(**json.loads((reuse / "ae_config.json").read_text()))
-        ae = AutoEncoder(config)
-        ae.load_state_dict(load_file(reuse / "ae.safetensors"), strict=True)
-        cache = torch.load(reuse / "latents.pt") if (reuse / "latents.pt").exists() else {"world": recipe.world}
-        if cache.get("world", "full") != recipe.world:
-            raise ValueError(
-                f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
-                f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
-            )
-        return ae.to(device).eval(), cache
-    ae = train_autoencoder(recipe, device, seed, log)
-    raw = encode_scenes(ae, list(range(recipe.scenes)), scene_config(recipe), device)  # scale 1, shift 0 so far
-    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
-    trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
-    ae.load_state_dict(trained.state_dict(), strict=True)
-    log({"stage": "ae", "held_out_mse": reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device)})
-    cache = {"world": recipe.world, "train": scale * (raw - shift)}
-    torch.save(cache, out / "latents.pt")
-    save_file(ae.state_dict(), out / "ae.safetensors")
-    (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
-    return ae, cache
 
 
 def train(

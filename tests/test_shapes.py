@@ -353,8 +353,8 @@ def test_batch_probe_times_steps_with_the_given_clock_and_picks_the_largest_chea
 
 
 def test_bank_pairs_each_scene_with_its_own_captions(tmp_path):
+    from shapes.autoencoding import train_tokenizer
     from shapes.bank import CaptionOptions, build, draw
-    from shapes.train import train_tokenizer
 
     tok = train_tokenizer(tmp_path / "tok", 0)
     config = SceneConfig(size=32, **WORLDS["simple"])
