@@ -10,6 +10,11 @@ trained first into OUT/ae unless `--ae` names one; the training scenes are drawn
 processes draw, the device encodes) into OUT/bank.pt, which every arm loads; each arm then writes its own folder
 OUT/NAME (log, checkpoints, weights, `stdout.txt`). When all have stopped, OUT/summary.md tables the last evaluation
 of each arm. The exit code is non-zero when an arm failed.
+
+`--pack DIR` also writes, per arm, one uncompressed DIR/NAME.tar holding a complete model folder (weights, configs,
+recipe, tokenizer, autoencoder, the whole log with every evaluation) and DIR/summary.md: few, small files, for a
+device whose results must come back through a narrow channel (the project's device loans return at most 8 files of
+16 MiB). Unpack with `tar -xf NAME.tar` and evaluate with `python -m shapes.eval --weights NAME`.
 """
 
 import argparse
@@ -18,6 +23,7 @@ import json
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -94,6 +100,18 @@ def summary(out: Path, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MODEL_FILES = ("flux.safetensors", "t5.safetensors", "ae.safetensors", "flux_config.json", "t5_config.json",
+               "ae_config.json", "recipe.json", "log.jsonl", "tokenizer_2")  # fmt: skip
+
+
+def pack(folder: Path, path: Path, name: str) -> None:
+    """A model folder's files (MODEL_FILES) as one uncompressed tar whose members sit under `name/`."""
+    with tarfile.open(path, "w") as tar:
+        for file in MODEL_FILES:
+            if (folder / file).exists():
+                tar.add(folder / file, arcname=f"{name}/{file}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -107,6 +125,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, required=True, help="each arm's budget for its transformer phase")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the scenes of the shared bank")
     parser.add_argument("--common", default="", help="shapes.train flags shared by every arm")
+    parser.add_argument("--pack", type=Path, default=None, help="also write NAME.tar model folders and summary.md here")
     parser.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "FLAGS"), required=True)
     args = parser.parse_args()
     names = [name for name, _ in args.arm]
@@ -133,6 +152,12 @@ def main() -> None:
     failed = [name for name, process in processes.items() if process.wait() != 0]
     table = summary(args.out, names)
     (args.out / "summary.md").write_text(table)
+    if args.pack is not None:
+        args.pack.mkdir(parents=True, exist_ok=True)
+        (args.pack / "summary.md").write_text(table)
+        for name in names:
+            if (args.out / name / "flux.safetensors").is_file():
+                pack(args.out / name, args.pack / f"{name}.tar", name)
     print(table + f"{time.time() - start:.0f} s in all", flush=True)
     if failed:
         print(f"error: arms {failed} failed; see their stdout.txt", file=sys.stderr)

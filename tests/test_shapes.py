@@ -388,8 +388,8 @@ def test_arms_share_one_bank_and_each_run_stops_on_its_budget(tmp_path):
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in small.items())
     flags = f"--world shaded --t5-layers 0 --steps 100000 {flags}"
     command = [sys.executable, "-m", "shapes.arms", "--out", str(tmp_path / "arms"), "--device", "cpu", "--minutes",
-               "0.02", "--common", flags, "--arm", "A", "--isolate 0.5", "--arm", "C",
-               "--isolate 1.0 --eval-isolated true"]  # fmt: skip
+               "0.02", "--common", flags, "--pack", str(tmp_path / "packed"), "--arm", "A", "--isolate 0.5",
+               "--arm", "C", "--isolate 1.0 --eval-isolated true"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "arms" / "ae" / "ae.safetensors").is_file()  # trained once, before the arms
@@ -404,6 +404,18 @@ def test_arms_share_one_bank_and_each_run_stops_on_its_budget(tmp_path):
         assert (folder / "flux.safetensors").is_file() and (folder / "checkpoint" / "state.pt").is_file()
         assert (folder / "ae.safetensors").read_bytes() == (tmp_path / "arms" / "ae" / "ae.safetensors").read_bytes()
     assert "| A |" in (tmp_path / "arms" / "summary.md").read_text()
+    # the packed copies are whole model folders: unpacked, they load strictly and hold the run's log
+    import tarfile
+
+    from shapes.eval import load
+
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["A.tar", "C.tar", "summary.md"]
+    with tarfile.open(tmp_path / "packed" / "C.tar") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    flux, *_ = load(tmp_path / "unpacked" / "C")
+    assert (tmp_path / "unpacked" / "C" / "log.jsonl").read_text() == (
+        tmp_path / "arms" / "C" / "log.jsonl"
+    ).read_text()
     # arms that would need different banks are refused before anything is drawn
     bad = command[:]
     bad[bad.index("--isolate 0.5")] = "--isolate 0.5 --scenes 8"
