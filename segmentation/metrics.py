@@ -87,17 +87,21 @@ def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
     scores, positives = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positives).ravel().astype(bool)
     if not positives.any():
         return float("nan")
-    ends = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), scores.size - 1]  # last pixel of each run
+    ends = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))  # last pixel of each run
     values = scores[ends]
-    pixels = np.diff(ends, prepend=-1)
-    hits = np.diff(np.cumsum(positives)[ends], prepend=0)
+    pixels = ends.copy()
+    pixels[0] += 1
+    pixels[1:] -= ends[:-1]
+    hits = np.cumsum(positives)[ends]
+    hits[1:] -= hits[:-1].copy()
     order = np.argsort(-values)  # any order within ties: tied runs are grouped below
-    values, pixels, hits = values[order], pixels[order], hits[order]
-    last = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]  # last run of each group of tied scores
-    tp = np.cumsum(hits)[last]  # positives scoring at least each distinct score
-    precision = tp / np.cumsum(pixels)[last]
+    values = values[order]
+    last = np.flatnonzero(np.append(values[1:] != values[:-1], True))  # last run of each group of tied scores
+    tp = np.cumsum(hits[order])[last]  # positives scoring at least each distinct score
+    precision = tp / np.cumsum(pixels[order])[last]
     recall = tp / tp[-1]
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    recall[1:] -= recall[:-1].copy()  # the recall step of each threshold
+    return float(np.sum(recall * precision))
 
 
 def two_channel_average_precision(scores: np.ndarray, label: np.ndarray) -> float:
@@ -117,8 +121,9 @@ def image_stats(index: int, key: str, pred: np.ndarray, label: np.ndarray, num_c
     flat = np.asarray(label).ravel()
     valid = flat != IGNORE
     if isinstance(scores, dict):  # multi-class: the mean AP of the listed classes present in the label
-        aps = [average_precision(np.asarray(s).ravel()[valid], flat[valid] == c) for c, s in scores.items()
-               if (flat[valid] == c).any()]  # fmt: skip
+        labels = flat[valid]
+        present = {c: truth for c in scores if (truth := labels == c).any()}
+        aps = [average_precision(np.asarray(scores[c]).ravel()[valid], truth) for c, truth in present.items()]
         ap = float(np.mean(aps)) if aps else None
     elif scores is not None:
         fg = flat[valid] == 1
