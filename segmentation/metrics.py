@@ -17,8 +17,9 @@ Paper-compatible figures, printed beside ours and labelled as such (each is what
   the two channels: 2 correct / (2 labelled + ignored).
 
 Follows Chefer et al.'s and the official ConceptAttention metric code in what is measured; differs in: integer
-bincounts instead of float histograms, AP written out (equal to scikit-learn's `average_precision_score`), and no class
-without pixels averaged in as a zero.
+bincounts instead of float histograms, AP written out (equal to scikit-learn's `average_precision_score`) and
+computed on runs of equal neighbouring scores (a map upsampled from the token grid has few, so AP sorts those instead
+of every pixel: about 3x faster per image at 128 px), and no class without pixels averaged in as a zero.
 """
 
 from __future__ import annotations
