@@ -17,7 +17,8 @@ float32 with no mean and no bias; attention scores are NOT divided by sqrt(d_kv)
 relative position bias is computed once from block 0's table and added in every layer; no attention mask by default
 (Flux runs T5 over the padding tokens too). Attention runs through `scaled_dot_product_attention` with the position bias
 (plus any padding bias) as its float mask and `scale=1.0`; `manual_attention=True` writes the L x L scores out instead
-(readable, about twice as slow on the CPU), as `mmdit` does. Shape letters: B batch, L tokens, H heads, D head dim.
+(readable; that attention costs about twice SDPA's on the CPU), as `mmdit` does. Shape letters: B batch, L tokens,
+H heads, D head dim.
 """
 
 import math
