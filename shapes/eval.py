@@ -327,9 +327,17 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true", help="also score each double block alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=Path, default=None, help="also draw SAMPLE_PROMPTS into this PNG")
+    parser.add_argument(
+        "--isolated",
+        choices=("recipe", "yes", "no"),
+        default="recipe",
+        help="evaluate with image tokens isolated from each other (default: as the recipe says)",
+    )
     args = parser.parse_args()
     flux, t5, tok, ae, max_length = load(args.weights)
-    world = json.loads((args.weights / "recipe.json").read_text()).get("world", "full")
+    recipe = json.loads((args.weights / "recipe.json").read_text())
+    world = recipe.get("world", "full")
+    isolate = recipe.get("eval_isolated", False) if args.isolated == "recipe" else args.isolated == "yes"
     config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
     if args.samples is not None:
         with torch.no_grad():
@@ -357,10 +365,12 @@ def main() -> None:
                         seed=args.seed + i,
                         layers=layers,
                         world=world,
+                        isolate=isolate,
                     )
                     for k, v in scores.items():
                         totals[k] = totals.get(k, 0.0) + v * len(part) / args.scenes
-                print(json.dumps({"t": t, "layers": layers, **{k: round(v, 4) for k, v in totals.items()}}), flush=True)
+                rounded = {k: round(v, 4) for k, v in totals.items()}
+                print(json.dumps({"t": t, "layers": layers, "isolated": isolate, **rounded}), flush=True)
 
 
 if __name__ == "__main__":
