@@ -44,13 +44,23 @@ from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids
 from shapes.scenes import COLOURS, SHAPES, WORLDS, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
 from t5 import T5Config, T5Encoder, T5Tokenizer
 
-SAMPLE_PROMPTS = [
-    "a red circle",
-    "a blue star on a white background",
-    "a yellow heart and a green square",
-    "a purple triangle at the top left and a orange diamond at the bottom right",
-    "a red star and a blue circle and a green triangle on a black background",
-]
+SAMPLE_PROMPTS = {  # per world (shapes.scenes.WORLDS): the prompts of the model card's samples.png, in its order
+    "full": [
+        "a red circle",
+        "a blue star on a white background",
+        "a yellow heart and a green square",
+        "a purple triangle at the top left and a orange diamond at the bottom right",
+        "a red star and a blue circle and a green triangle on a black background",
+    ],
+    "simple": [
+        "a red circle",
+        "a blue square on a black background",
+        "a green triangle and a red square",
+        "a blue circle at the top left and a green square at the bottom right",
+        "a red triangle and a blue circle and a green square on a black background",
+    ],
+}
+SAMPLE_PROMPTS["shaded"] = SAMPLE_PROMPTS["simple"]
 CONCEPTS = (*SHAPES, "background")
 COLOUR_CONCEPTS = (*COLOURS, "background")
 
@@ -326,7 +336,7 @@ def main() -> None:
     parser.add_argument("--t", type=float, nargs="+", default=[0.5])
     parser.add_argument("--per-layer", action="store_true", help="also score each double block alone")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=Path, default=None, help="also draw SAMPLE_PROMPTS into this PNG")
+    parser.add_argument("--samples", type=Path, default=None, help="also draw the world's SAMPLE_PROMPTS here")
     parser.add_argument(
         "--isolated",
         choices=("recipe", "yes", "no"),
@@ -341,7 +351,9 @@ def main() -> None:
     config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
     if args.samples is not None:
         with torch.no_grad():
-            save_samples(sample(flux, t5, tok, ae, SAMPLE_PROMPTS, max_length, seed=args.seed), args.samples)
+            prompts = SAMPLE_PROMPTS[world]
+            steps = recipe.get("sample_steps", 20)
+            save_samples(sample(flux, t5, tok, ae, prompts, max_length, steps, args.seed), args.samples)
     scenes = [make_scene(s, config) for s in held_out_seeds(args.scenes)]
     layer_sets = [None] + ([(i,) for i in range(flux.config.depth)] if args.per_layer else [])
     with torch.no_grad():
