@@ -74,7 +74,7 @@ from mmdit.layers import pre_attention
 from mmdit.math import apply_rope, attention, concept_attention, timestep_embedding
 from saliency import SPACES
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
-from shapes.scenes import SceneConfig, held_out_seeds, make_scene
+from shapes.scenes import SceneConfig, held_out_seeds, make_scene, model_scenes
 
 torch.set_grad_enabled(False)
 MODEL = os.environ.get("NOTEBOOK_MODEL", "shapes")  # "shapes" (built in), a hub id or a local FLUX folder
@@ -101,10 +101,12 @@ print(f"{len(flux.double_blocks)} double blocks, {len(flux.single_blocks)} singl
 
 # %%
 SIZE = 128  # pixels; the token grid is SIZE/16 x SIZE/16 = 8 x 8
-seed = next(s for s in held_out_seeds(50, start=7) if len(make_scene(s, SceneConfig(size=SIZE)).shapes) >= 2)
-scene = make_scene(seed, SceneConfig(size=SIZE))
+# the scenes of the world the shapes model was trained on (its recipe.json); another model gets the full world
+SCENES = model_scenes(pipe.source, SIZE) if (Path(pipe.source) / "recipe.json").is_file() else SceneConfig(size=SIZE)
+seed = next(s for s in held_out_seeds(50, start=7) if len(make_scene(s, SCENES).shapes) == 2)
+scene = make_scene(seed, SCENES)
 present = [kind for _, kind in scene.shapes]
-absent = next(k for k in ("star", "heart", "square", "circle", "triangle") if k not in present)
+absent = next(k for k in SCENES.shapes if k not in present)
 concepts = [*present, absent, "background"]
 image = Image.fromarray(scene.image)
 print("caption: ", scene.caption)

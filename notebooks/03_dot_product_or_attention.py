@@ -78,7 +78,7 @@ from saliency import SPACES
 from segmentation import FolderSegmentation, ImageNetSegmentation, Protocol, method_grid, run
 from segmentation.protocols import PROTOCOLS
 from shapes.benchmark import baselines
-from shapes.scenes import HELD_OUT_SEED_START, SHAPES, SceneConfig, held_out_seeds, make_scene
+from shapes.scenes import HELD_OUT_SEED_START, SceneConfig, held_out_seeds, make_scene, model_scenes
 
 torch.set_grad_enabled(False)
 MODEL = os.environ.get("NOTEBOOK_MODEL", "shapes")  # "shapes" (built in), a hub id or a local FLUX folder
@@ -109,9 +109,12 @@ print(f"USING the model {MODEL!r} ({DEPTH} double blocks); for 'shapes': small, 
 # the scene's first shape, the five other shape words and `"background"`: the concepts compete for every patch.
 
 # %%
-scene = make_scene(held_out_seeds(1, start=3)[0], SceneConfig(size=SIZE))
+# the scenes of the world the shapes model was trained on (its recipe.json); another model gets the full world
+SCENES = model_scenes(pipe.source, SIZE) if (Path(pipe.source) / "recipe.json").is_file() else SceneConfig(size=SIZE)
+SHAPE_WORDS = SCENES.shapes
+scene = make_scene(held_out_seeds(1, start=3)[0], SCENES)
 target = scene.shapes[0][1]
-concepts = [target, *[s for s in SHAPES if s != target], "background"]
+concepts = [target, *[s for s in SHAPE_WORDS if s != target], "background"]
 result = pipe.explain(Image.fromarray(scene.image), concepts, prompt=f"a {target}", keep_grid=True, progress=False)
 print("caption:", scene.caption, "| target:", target, "| concepts:", concepts)
 
@@ -164,7 +167,7 @@ def write_scenes(folder: Path, seeds: list[int]) -> None:
     (folder / "masks").mkdir(exist_ok=True)
     rows = ["image,classes"]
     for s in seeds:
-        sc = make_scene(s, SceneConfig(size=SIZE))
+        sc = make_scene(s, SCENES)
         kind = sc.shapes[0][1]
         mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
         for _, other in sc.shapes[1:]:
@@ -206,7 +209,7 @@ plt.show()
 
 # %%
 protocol = Protocol(
-    name="shapes-heldout", task="binary", background=(*SHAPES, "background"), class_first=True, caption="a {name}",
+    name="shapes-heldout", task="binary", background=(*SHAPE_WORDS, "background"), class_first=True, caption="a {name}",
     resize=((SIZE, "nearest"),), label_size=64, t=0.5, num_samples=1, seed=0, space="output", softmax=True,
     layers=None, normalize=False, blur=False, rule="mean", score_scale="minmax", token_rule="mean", class_map="none",
 )  # fmt: skip
