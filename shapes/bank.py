@@ -11,6 +11,7 @@ Notable features:
   alone with the recipe's `single_word` probability, as the per-step captions of the CPU path did.
 """
 
+import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -59,7 +60,8 @@ def draw(
     if workers == 0:
         yield from (draw_chunk(p, config, options, variants) for p in parts)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # fresh interpreters, not forks: the parent may already hold a CUDA context and threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(draw_chunk, parts, [config] * len(parts), [options] * len(parts), [variants] * len(parts))
 
 
