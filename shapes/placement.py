@@ -11,6 +11,10 @@ it is saturated enough (max - min channel >= 48) and bright enough (max >= 60) t
 The score is the share of named shapes placed, over all scenes. The same measure on the held-out scenes' own images
 (the ceiling: a shape's centroid lies in its cell, and shapes are large, so nearly all count) and on images generated
 from the captions of other scenes (the floor: right colours in wrong places by chance) is printed beside it.
+
+For a model whose captions never named places (`positions` 0 in its recipe) the presence score says the same without
+places: from captions that name colours and shapes only, the share of named shapes whose colour covers at least 3 % of
+the image (a shape of the smallest radius covers more than that), with the same ceiling and floor.
 """
 
 import argparse
@@ -61,9 +65,15 @@ def placed(image: np.ndarray, shapes: list[tuple[str, str]], places: list[str], 
     return hits
 
 
-def positioned_captions(scenes: list[Scene], config: SceneConfig) -> list[str]:
-    """Every shape named with its colour and place, no background phrase."""
-    captions = replace(config, positions=1.0, colourless=0.0, background_phrase=0.0)
+def present(image: np.ndarray, shapes: list[tuple[str, str]], colours: tuple[str, ...], share: float = 0.03):
+    """For each named (colour, shape): does its colour cover at least `share` of the image?"""
+    labels = classify_colours(image, colours)
+    return [bool((labels == colours.index(colour)).mean() >= share) for colour, _ in shapes]
+
+
+def positioned_captions(scenes: list[Scene], config: SceneConfig, positions: float = 1.0) -> list[str]:
+    """Every shape named with its colour (and with `positions` 1, its place), no background phrase."""
+    captions = replace(config, positions=positions, colourless=0.0, background_phrase=0.0)
     rng = np.random.default_rng(0)  # unused by these options, but caption_for draws from it
     return [caption_for(s.shapes, s.background, s.places, rng, captions) for s in scenes]
 
@@ -73,9 +83,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
 
 
-def placement_score(images: np.ndarray, scenes: list[Scene], colours: tuple[str, ...]) -> float:
-    """Share of the named shapes placed, images (B, H, W, 3) uint8 against the scenes whose captions drew them."""
-    hits = [h for image, s in zip(images, scenes, strict=True) for h in placed(image, s.shapes, s.places, colours)]
+def placement_score(images: np.ndarray, scenes: list[Scene], colours: tuple[str, ...], places: bool = True) -> float:
+    """Share of the named shapes placed (or, without `places`, present), images (B, H, W, 3) uint8 against the scenes
+    whose captions drew them."""
+    hits = [
+        h
+        for image, s in zip(images, scenes, strict=True)
+        for h in (placed(image, s.shapes, s.places, colours) if places else present(image, s.shapes, colours))
+    ]
     return float(np.mean(hits))
 
 
@@ -91,19 +106,25 @@ def main() -> None:
     world = json.loads((args.weights / "recipe.json").read_text()).get("world", "full")
     config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
     scenes = [make_scene(s, config) for s in held_out_seeds(args.scenes)]
-    captions = positioned_captions(scenes, config)
-    report = {"ceiling (the scenes' own images)": placement_score(np.stack([s.image for s in scenes]), scenes,
-                                                                    config.colours)}  # fmt: skip
+    own = np.stack([s.image for s in scenes])
+    report = {}
     with torch.no_grad():
-        for num_steps in args.num_steps:
-            for name, prompts in (("", captions), (" (captions of other scenes)", captions[1:] + captions[:1])):
-                images = torch.cat([
-                    sample(flux, t5, tok, ae, prompts[i : i + 25], max_length, num_steps, args.seed + i, args.shift)
-                    for i in range(0, len(prompts), 25)
-                ])  # fmt: skip
-                report[f"{num_steps} steps{name}"] = placement_score(to_uint8(images), scenes, config.colours)
+        for places in (True, False):
+            measure = "placement" if places else "presence"
+            captions = positioned_captions(scenes, config, 1.0 if places else 0.0)
+            report[f"{measure}: ceiling (the scenes' own images)"] = placement_score(
+                own, scenes, config.colours, places
+            )
+            for num_steps in args.num_steps:
+                for name, prompts in (("", captions), (" (captions of other scenes)", captions[1:] + captions[:1])):
+                    images = torch.cat([
+                        sample(flux, t5, tok, ae, prompts[i : i + 25], max_length, num_steps, args.seed + i, args.shift)
+                        for i in range(0, len(prompts), 25)
+                    ])  # fmt: skip
+                    score = placement_score(to_uint8(images), scenes, config.colours, places)
+                    report[f"{measure}: {num_steps} steps{name}"] = score
     for name, value in report.items():
-        print(f"{name:45s} {value:.3f}")
+        print(f"{name:56s} {value:.3f}")
 
 
 if __name__ == "__main__":

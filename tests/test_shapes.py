@@ -423,3 +423,26 @@ def test_arms_share_one_bank_and_each_run_stops_on_its_budget(tmp_path):
     bad[bad.index("--isolate 0.5")] = "--isolate 0.5 --scenes 8"
     done = subprocess.run(bad, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "must agree on the bank" in done.stderr
+
+
+def test_placement_and_presence_scores_known_values():
+    from shapes.placement import cell_of, placement_score
+
+    config = SceneConfig(**WORLDS["shaded"])
+    scenes = [make_scene(s, config) for s in held_out_seeds(30)]
+    own = np.stack([s.image for s in scenes])
+    # a scene's own image: every named shape is present, and nearly all fill a quarter of their centroid's cell
+    assert placement_score(own, scenes, config.colours, places=False) == 1.0
+    assert placement_score(own, scenes, config.colours) > 0.85
+    # blank images place and show nothing; another scene's image places little
+    blank = np.full_like(own, 25)
+    assert placement_score(blank, scenes, config.colours) == 0.0
+    assert placement_score(blank, scenes, config.colours, places=False) == 0.0
+    assert placement_score(np.roll(own, 1, axis=0), scenes, config.colours) < 0.5
+    # one red square painted exactly over the top-left cell
+    painted = np.full((1, 96, 96, 3), 25, dtype=np.uint8)
+    painted[0, :32, :32] = (0.7 * np.array(COLOURS["red"])).astype(np.uint8)  # a dark shade still counts as red
+    scene = make_scene(0, config)
+    scene.shapes, scene.places = [("red", "square"), ("blue", "circle")], ["top left", "bottom"]
+    assert placement_score(painted, [scene], config.colours) == 0.5  # red placed, blue nowhere
+    assert [cell_of(p) for p in ("top left", "middle", "right", "bottom")] == [(0, 0), (1, 1), (1, 2), (2, 1)]
