@@ -1,11 +1,19 @@
-"""Peak host memory while `weights.load_flux` loads a ~1 GB BFL checkpoint, as a ratio of the file size.
+"""Peak host memory and time of loading a ~1 GB Flux checkpoint: our loader against diffusers and the naive way.
 
-Writes a random bfloat16 Flux transformer (hidden 1024, 8 + 16 blocks: about 1.1 GB) to a temporary folder, then loads
-it in fresh processes and prints each one's peak resident memory (ru_maxrss) minus its resident memory before the load:
-- `weights.load_flux(dtype=bfloat16)`: the model is as large as the file, so about 1.0 is the floor;
-- `weights.load_flux()` (float32, the CPU default): the model is twice the file, so about 2.0 is the floor;
-- for comparison, the usual way: build the model on the CPU, `safetensors.torch.load_file`, `load_state_dict`.
-Not a test (the numbers depend on the machine); run it by hand: `python benchmarks/bench_load.py [--keep DIR]`.
+Writes a random bfloat16 Flux transformer (hidden 1024, 8 + 16 blocks: about 1.1 GB) twice with the same tensors: as
+diffusers' `save_pretrained` folder (`transformer/`) and as a BFL single file. Then loads it in fresh processes,
+interleaved over `--repeats` rounds. Each load is followed by one read of every weight (diffusers' bf16 load maps the
+file and reads it lazily, on first use). For each way it prints the peak resident memory (ru_maxrss) minus the resident
+memory before the load, as a ratio of the file size, the seconds of the load and of load + read, and the latter as a
+ratio of diffusers' bf16 load; medians over the rounds with their spread (ratios: of the per-round ratios):
+- `weights.load_flux(dtype=bfloat16)` from the BFL file and from the diffusers folder: the model is as large as the
+  file, so 1.0 is the floor;
+- `weights.load_flux()` (float32, the CPU default): the model is twice the file, so 2.0 is the floor;
+- diffusers: `FluxTransformer2DModel.from_pretrained(folder, torch_dtype=...)`, bf16 and fp32;
+- naive: build the model on the CPU in the target dtype, `safetensors.torch.load_file`, `load_state_dict`.
+Memory-mapped file pages that a loader touches count as resident, as the kernel counts them; after the first load the
+file sits in the page cache, so the loads compare warm reads. Not a test (the numbers depend on the machine); run it
+by hand: `python benchmarks/bench_load.py [--keep DIR] [--repeats 3]`.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("weights-bf16", "weights-fp32", "naive-fp32")
+MODES = (
+    "ours-bf16",
+    "ours-bf16-diffusers",
+    "ours-fp32",
+    "diffusers-bf16",
+    "diffusers-fp32",
+    "naive-bf16",
+    "naive-fp32",
+)
+PEER = "diffusers-bf16"
 
 
 def rss_bytes() -> int:
@@ -40,50 +58,80 @@ def bench_config():
     )  # head dim 128, as the real model
 
 
-def write_checkpoint(path: Path) -> None:
+def write_checkpoints(folder: Path) -> None:
+    """folder/transformer/ by diffusers' save_pretrained, then folder/flux-bench.safetensors with the same tensors."""
     import torch
+    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    import mmdit
+    import weights
 
+    config = bench_config()
     with torch.device("meta"):
-        model = mmdit.Flux(bench_config())
+        model = FluxTransformer2DModel(patch_size=1, in_channels=config.in_channels, num_layers=config.depth,
+                                       num_single_layers=config.depth_single_blocks, attention_head_dim=128,
+                                       num_attention_heads=config.num_heads, joint_attention_dim=config.context_in_dim,
+                                       pooled_projection_dim=config.vec_in_dim, guidance_embeds=False,
+                                       axes_dims_rope=config.axes_dim)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     state = {
         name: (0.02 * torch.randn(t.shape, generator=generator)).bfloat16() for name, t in model.state_dict().items()
     }
-    save_file(state, path)
+    model.load_state_dict(state, assign=True)
+    model.save_pretrained(folder / "transformer")
+    del model, state
+    ours = weights.load_flux(folder, device="cpu", dtype=torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, folder / "flux-bench.safetensors")
 
 
-def measure(mode: str, path: Path) -> dict:
-    """Runs in its own process: import everything first, then load once and report the memory it took."""
+def touch(model) -> None:
+    """Read one element per 4 KB page of every weight: a lazily memory-mapped model (diffusers' bf16 load) is read from
+    the file here, an in-memory one costs next to nothing."""
+    for t in model.state_dict().values():
+        t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
+
+
+def measure(mode: str, folder: Path) -> dict:
+    """Runs in its own process: import what this way needs first, then load once, read every weight, and report the
+    memory it took (other ways' imports stay out: diffusers' alone adds about 0.2 GB of resident memory)."""
     import torch
 
-    import mmdit
-    import weights
-
-    before, start = rss_bytes(), time.perf_counter()
-    if mode == "weights-bf16":
-        model = weights.load_flux(path, device="cpu", dtype=torch.bfloat16)
-    elif mode == "weights-fp32":
-        model = weights.load_flux(path, device="cpu")
+    dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+    if mode.startswith("diffusers"):
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     else:
         from safetensors.torch import load_file
 
+        import mmdit
+        import weights
+    before, start = rss_bytes(), time.perf_counter()
+    if mode == "ours-bf16-diffusers":
+        model = weights.load_flux(folder, device="cpu", dtype=dtype)
+    elif mode.startswith("ours"):
+        model = weights.load_flux(folder / "flux-bench.safetensors", device="cpu", dtype=dtype)
+    elif mode.startswith("diffusers"):
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    else:
+        torch.set_default_dtype(dtype)
         model = mmdit.Flux(bench_config())
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_file(folder / "flux-bench.safetensors"))
     seconds = time.perf_counter() - start
+    touch(model)
+    ready = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"before": before, "peak": peak, "seconds": seconds, "model_bytes": model_bytes}
+    return {"before": before, "peak": peak, "seconds": seconds, "ready": ready, "model_bytes": model_bytes}
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--keep", type=Path, help="write (or reuse) the checkpoint in this folder instead of a temp one"
-    )
-    parser.add_argument("--measure", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--keep", type=Path, help="write (or reuse) the checkpoints in this folder, not a temp one")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of fresh processes, one per way and round")
+    parser.add_argument("--measure", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
@@ -91,24 +139,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "flux-bench.safetensors"
-        if not path.exists():
-            print(f"writing {path} ...", flush=True)
-            write_checkpoint(path)  # in this process: the loads below each run in a fresh one
-        size = path.stat().st_size
-        print(f"checkpoint: {size / 1e9:.2f} GB (bfloat16)")
-        for mode in MODES:
-            out = subprocess.run(
-                [sys.executable, __file__, "--measure", mode, str(path)], capture_output=True, text=True
-            )
-            if out.returncode:
-                raise SystemExit(f"{mode} failed:\n{out.stderr}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            extra = r["peak"] - r["before"]
-            speed = size / 1e9 / r["seconds"]
+        if not (folder / "flux-bench.safetensors").exists():
+            print(f"writing {folder} ...", flush=True)
+            write_checkpoints(folder)  # in this process: the loads below each run in a fresh one
+        size = (folder / "flux-bench.safetensors").stat().st_size
+        print(f"checkpoint: {size / 1e9:.2f} GB (bfloat16), {args.repeats} rounds")
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for _ in range(args.repeats):
+            for mode in MODES:
+                command = [sys.executable, __file__, "--measure", mode, str(folder)]
+                out = subprocess.run(command, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{mode} failed:\n{out.stderr}")
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for mode, rs in runs.items():
+            extra = [(r["peak"] - r["before"]) / size for r in rs]
+            ratios = [r["ready"] / p["ready"] for r, p in zip(rs, runs[PEER], strict=True)]
             print(
-                f"{mode:13s} peak RSS over baseline {extra / 1e9:5.2f} GB = {extra / size:.2f} x file size "
-                f"(model {r['model_bytes'] / size:.1f} x file; {r['seconds']:.1f} s, {speed:.2f} GB/s)"
+                f"{mode:20s} peak RSS over baseline x{spread(extra, '.2f')} file size "
+                f"(model {rs[0]['model_bytes'] / size:.1f} x file); load {spread([r['seconds'] for r in rs], '.2f')} s,"
+                f" weights read {spread([r['ready'] for r in rs], '.2f')} s = x{spread(ratios, '.2f')} of {PEER}"
             )
 
 
