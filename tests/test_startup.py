@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import save_file
 
 import clip
@@ -59,11 +60,16 @@ def test_loading_does_not_import_dynamo(tmp_path):
 
 
 @pytest.mark.skipif(not (SHAPES / "flux.safetensors").is_file(), reason="the built-in shapes model is not shipped")
-def test_command_line_does_not_import_dynamo(tmp_path):
-    """`python -X importtime concept_attention.py generate --model shapes ...` lists every module it imports."""
-    done = python("-X", "importtime", ROOT / "concept_attention.py", "generate", "--model", "shapes",
-                  "--prompt", "a red circle", "--concepts", "circle", "background", "--size", "64",
-                  "--out", tmp_path / "out")  # fmt: skip
+@pytest.mark.parametrize("command", ["generate", "explain"])
+def test_command_line_does_not_import_dynamo(tmp_path, command):
+    """`python -X importtime concept_attention.py generate|explain --model shapes ...` lists every module it imports."""
+    if command == "generate":
+        given = ["--prompt", "a red circle", "--size", "64"]
+    else:
+        Image.new("RGB", (64, 64), (250, 40, 40)).save(tmp_path / "red.png")
+        given = ["--image", tmp_path / "red.png"]
+    done = python("-X", "importtime", ROOT / "concept_attention.py", command, "--model", "shapes", *given,
+                  "--concepts", "circle", "background", "--out", tmp_path / "out")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")]
     assert "torch" in imported and (tmp_path / "out" / "maps.safetensors").is_file()
