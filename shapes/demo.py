@@ -1,8 +1,8 @@
 """`make demo`: the main job on the built-in shapes model, offline, on the CPU, in seconds.
 
-1. `concept_attention.py generate`: the model draws a caption of its own world that names colours and places ("a
-   red circle at the top left and a blue star at the bottom right on a white background" for the full world) and the
-   concept maps for its two shapes and background are collected during the same sampling;
+1. `concept_attention.py generate`: the model draws a caption of its own world ("a red circle and a blue square on
+   a black background" for the shaded world; the full world's captions also name places) and the concept maps for
+   its two shapes and background are collected during the same sampling;
 2. `concept_attention.py explain`: a held-out scene (a seed training never drew) is drawn, written with its true masks,
    and explained with the concepts of its shapes and "background".
 Everything lands in `out/demo/` (image, overlay, heatmaps, masks, maps, settings), and the commands are printed so
@@ -27,8 +27,7 @@ PROMPTS = {  # per world (shapes.scenes.WORLDS): two shapes, their colours and p
              "star"),
     "simple": ("a red circle at the top left and a blue square at the bottom right on a black background", "circle",
                "square"),
-    "shaded": ("a red circle at the top left and a blue square at the bottom right on a black background", "circle",
-               "square"),
+    "shaded": ("a red circle and a blue square on a black background", "circle", "square"),  # most saw no places
 }  # fmt: skip
 
 

@@ -60,7 +60,13 @@ SAMPLE_PROMPTS = {  # per world (shapes.scenes.WORLDS): the prompts of the model
         "a red triangle and a blue circle and a green square on a black background",
     ],
 }
-SAMPLE_PROMPTS["shaded"] = SAMPLE_PROMPTS["simple"]
+SAMPLE_PROMPTS["shaded"] = [  # most shaded-world runs (third round) never saw places named: these name none
+    "a red circle",
+    "a blue square on a black background",
+    "a green triangle and a red square",
+    "a blue circle and a green square",
+    "a red triangle and a blue circle and a green square on a black background",
+]
 CONCEPTS = (*SHAPES, "background")
 COLOUR_CONCEPTS = (*COLOURS, "background")
 

@@ -164,6 +164,8 @@ def train(
     log({"stage": "recipe", "seed": seed, "device": device, **dataclasses.asdict(recipe)})
     # 1-3: tokenizer, autoencoder, the training set as a bank of latents and caption ids on the device
     tok = train_tokenizer(out / "tokenizer_2", seed)
+    # the pipeline pads prompts and concepts to this length (T5 runs unmasked, so the length changes the encodings)
+    (out / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": recipe.max_length}))
     ae, cache = autoencoder_stage(recipe, out, device, seed, reuse, log)
     options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
     cached = cache.get("train")

@@ -114,6 +114,9 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     for name in ("flux", "t5", "ae"):
         assert (tmp_path / f"{name}.safetensors").is_file() and (tmp_path / f"{name}_config.json").is_file()
     assert (tmp_path / "tokenizer_2" / "spiece.model").is_file()
+    import weights
+
+    assert weights.t5_max_length(tmp_path) == recipe.max_length  # the pipeline pads to the model's own length
 
 
 def test_simple_world_and_an_encoder_that_does_not_mix_words(tmp_path):
