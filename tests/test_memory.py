@@ -71,7 +71,17 @@ def test_to_fp8_stores_every_block_linear_and_nothing_else():
 
 
 # ---- block streaming ----------------------------------------------------------------------------------------------
-def test_streamed_flux_is_bit_identical_and_loads_each_block_once():
+@pytest.fixture
+def one_thread():
+    """Bit identity is asserted on one CPU thread: with two, the streamed forward's float sums round differently from
+    the resident one's (max abs 3.8e-6 on this model, measured), although every weight is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_streamed_flux_is_bit_identical_and_loads_each_block_once(one_thread):
     config = CONFIGS["tiny"]
     config = type(config)(**{**config.__dict__, "depth": 3, "depth_single_blocks": 3})
     resident, streamed = randomize(Flux(config), 0), randomize(Flux(config), 0)
@@ -123,7 +133,7 @@ def runs():
                                 ("stream", torch.bfloat16, "stream"), ("fp8", torch.bfloat16, "fp8")):  # fmt: skip
         pipe = ConceptAttentionPipeline.from_pretrained("shapes", "cpu", dtype, memory=memory)
         assert pipe.memory == memory and pipe.offload == (memory != "full")
-        gen = pipe.generate(PROMPT, CONCEPTS, 128, 128, seed=0, progress=False)
+        gen = pipe.generate(PROMPT, CONCEPTS, 128, 128, num_steps=4, seed=0, progress=False)  # as measured
         exp = pipe.explain(gen.image if name == "bf16" else out["bf16"][0].image, CONCEPTS, progress=False)
         out[name] = (gen, exp)
     return out
