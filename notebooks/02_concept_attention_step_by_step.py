@@ -38,13 +38,13 @@
 # single block), a small T5 and a small autoencoder, trained for about 30 minutes on a CPU on procedural scenes of
 # coloured shapes (`shapes/scenes.py`), so that everything here runs on a laptop with nothing to download.
 #
-# **It is undertrained, and its ConceptAttention maps are at chance level.** Its model card,
+# **It is small, and its ConceptAttention maps localise only a little.** Its model card,
 # [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md), measures them on 500 held-out scenes: the paper's output-space
-# maps score 0.31 mIoU where random maps score 0.28-0.30 (a perfect 8 x 8 map would score about 0.67); only the
-# attention-score space is a little above chance (0.38). The model follows its caption globally (colours, background)
-# but has not learnt which image patch goes with which word. So read this notebook for the **mechanics**: every step
-# and every `check(...)` below is exact whatever the weights, but the maps you see here do not localise the shapes and
-# should not be read as if they did. With a better-trained model (`NOTEBOOK_MODEL` set to its folder) or the real
+# maps score 0.36 mIoU where an untrained model scores 0.31-0.32 (a perfect 8 x 8 map would score about 0.71); the
+# raw output space (0.46) and the attention scores (0.48) do better. The model draws the colours its caption names,
+# and its maps lean towards the named shape on some scenes, not on all. So read this notebook for the **mechanics**:
+# every step and every `check(...)` below is exact whatever the weights, and the maps you see here are a weak signal,
+# not a segmentation. With a better-trained model (`NOTEBOOK_MODEL` set to its folder) or the real
 # FLUX.1-schnell (`NOTEBOOK_MODEL=black-forest-labs/FLUX.1-schnell`, a GPU, and notebook 3's `RUN_REAL` cells for a
 # benchmark) the same cells show and measure real localisation.
 
@@ -89,7 +89,7 @@ def check(what: str, ok: bool) -> None:
 
 pipe = ConceptAttentionPipeline.from_pretrained(MODEL, device=DEVICE, dtype=torch.float32)
 flux = pipe.flux
-print(f"USING the model {MODEL!r} (for 'shapes': small and undertrained, its maps are near chance; see the card)")
+print(f"USING the model {MODEL!r} (for 'shapes': small, its maps localise only a little; see the card)")
 print(f"{len(flux.double_blocks)} double blocks, {len(flux.single_blocks)} single blocks, hidden size",
       f"{flux.config.hidden_size}, {flux.config.num_heads} heads; T5 sequence length {pipe.max_length}")  # fmt: skip
 
@@ -318,7 +318,7 @@ check("pipe.explain(layers=(0,)) equals the map above", torch.allclose(one_layer
 # of several sampling steps (timesteps). `pipe.generate(..., keep_grid=True)` samples an image from the caption exactly
 # as Flux does and keeps the map of every layer at every step (for all four saliency spaces, with and without softmax;
 # notebook 3 compares them). `result.select(...)` then averages any part of the grid. The pictures show how the maps
-# are organised (one per block and step); with the shapes model their content is near chance, as said at the top.
+# are organised (one per block and step); with the shapes model their content is a weak signal, as said at the top.
 
 # %%
 generated = pipe.generate(scene.caption, concepts, height=SIZE, width=SIZE, num_steps=4, seed=1,
@@ -397,9 +397,9 @@ plt.show()
 # `t = 0.5`, one noise sample). Top: the maps over the image. Bottom: `result.masks("argmax")` (each pixel goes to its
 # best concept) next to the true masks, with the IoU of each pair.
 #
-# **What to expect from the shapes model:** its maps are at chance level (model card: 0.31 mIoU on 500 held-out
-# scenes, random maps 0.28-0.30), so do not expect the argmax masks to follow the true shapes: one scene's IoUs are
-# noise around that level, and a high IoU here would be luck, not localisation. These cells are the measurement: run
+# **What to expect from the shapes model:** its maps localise only a little (model card: 0.36 mIoU on 500 held-out
+# scenes, an untrained model 0.31-0.32), so do not expect the argmax masks to follow the true shapes closely: one
+# scene's IoUs vary a lot around that level. These cells are the measurement: run
 # them with a better-trained model or FLUX.1-schnell and the same IoUs say how well it localises each concept.
 # Notebook 3 scores many scenes instead of one.
 
@@ -433,7 +433,7 @@ plt.show()
 # - Notebook 3 compares the four saliency spaces, with and without softmax, per layer and per noise level, on a
 #   benchmark of held-out scenes.
 # - [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md) records how the shapes model was trained, what was tried to make
-#   its maps localise, and what is left to try (many more steps, ideally on a GPU: `python -m shapes.train`).
+#   its maps localise, and what is left to try (the third round's recipes at GPU scale: `python -m shapes.arms`).
 
 # %%
 print(f"notebook ran in {time.time() - NOTEBOOK_START:.1f} s on {MODEL!r}")

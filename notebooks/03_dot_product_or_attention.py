@@ -41,14 +41,14 @@
 #
 # **Which model?** `MODEL` (environment variable `NOTEBOOK_MODEL`, default `"shapes"`) is the project's built-in shapes
 # model, shipped in `shapes/weights/`: a small Flux (2.75 M parameters, 4 double blocks) with a small T5 and
-# autoencoder, trained for about 30 minutes on a CPU (notebook 2 and [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md)
-# say more). **It is undertrained, and its maps are near chance**: on 500 held-out scenes its model card measures
-# 0.31 mIoU for the paper's output space and 0.38 for the attention scores, where random maps score 0.28-0.30 and a
-# perfect 8 x 8 map about 0.67 (the card's metric, close to but not the same as this notebook's). So on this model
-# the benchmark below shows how the harness works and how the spaces behave on a model that has not learnt to
-# localise words; it cannot say which space is better for a model that does localise. With a better-trained
-# model (`NOTEBOOK_MODEL` set to its folder), or the real FLUX.1-schnell in the `RUN_REAL` cells of section 5, the
-# same cells measure real localisation and answer the question.
+# autoencoder, trained for about 35 minutes on a CPU (notebook 2 and [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md)
+# say more). **Its maps localise only a little**: on 500 held-out scenes its model card measures 0.36 mIoU for the
+# paper's output space (softmax), 0.46 without the softmax and 0.48 for the attention scores, where an untrained model
+# scores 0.31-0.32 and a perfect 8 x 8 map about 0.71 (the card's metric, close to but not the same as this
+# notebook's). So on this model the benchmark below shows how the harness works and how the spaces behave on a model
+# that has only begun to localise words; it cannot settle which space is better for a model that localises well.
+# With a better-trained model (`NOTEBOOK_MODEL` set to its folder), or the real FLUX.1-schnell in the `RUN_REAL` cells
+# of section 5, the same cells measure real localisation and answer the question.
 #
 # Speed: by default 40 scenes and 3 noise levels (about a minute on a laptop CPU). Set the environment variable
 # `NOTEBOOK_FULL=1` for 300 scenes and 5 noise levels.
@@ -99,7 +99,7 @@ def check(what: str, ok: bool) -> None:
 
 pipe = ConceptAttentionPipeline.from_pretrained(MODEL, device=DEVICE, dtype=torch.float32)
 DEPTH = len(pipe.flux.double_blocks)
-print(f"USING the model {MODEL!r} ({DEPTH} double blocks); for 'shapes': small, undertrained, maps near chance")
+print(f"USING the model {MODEL!r} ({DEPTH} double blocks); for 'shapes': small, its maps localise only a little")
 
 # %% [markdown]
 # ## 1. The four spaces on one scene
@@ -234,8 +234,8 @@ print(f"scored {len(methods)} methods on {results['config']['selected']} images 
 # give the level a map must beat: predictions that look at no image at all (`shapes.benchmark.baselines`: everything
 # background, and a centred disc), scored on the same scenes. The model card's 500-scene measurement, with a slightly
 # different protocol,
-# puts the output space at chance (0.31 mIoU; random maps 0.28-0.30) and the attention scores modestly above it
-# (0.38), partly a foreground effect shared by all concepts (a centred blob, the same for every concept, scores 0.34).
+# puts the output space with softmax at 0.36 mIoU (an untrained model 0.31-0.32), the raw output space at 0.46 and the
+# attention scores at 0.48.
 # With 40 scenes (the default) differences of a few points are within the noise of the sample, and the "best of all
 # methods" printed below is the maximum over many noisy rows: biased upwards, not proof that that method localises.
 # With a better-trained model or FLUX.1-schnell, the same table answers the question.
@@ -313,7 +313,7 @@ plot_spaces(results, "map")
 # isolates the softmax; the left panel shows which blocks carry the information (the paper found later blocks better
 # and all blocks together better than any one); the right panel how much noise the forward should see (the paper:
 # a middle noise level beats t = 0). On the shapes model read them with the caveats of section 3: single blocks of an
-# undertrained 4-block model behave very differently from one another, 40 scenes make every point noisy, and no
+# small 4-block model behave very differently from one another, 40 scenes make every point noisy, and no
 # chance line is drawn, so the curves describe this model, not which blocks or noise levels localise best. For an
 # answer, run the same cells on a better-trained model (`NOTEBOOK_MODEL`), or the cells below on FLUX.1-schnell with
 # a GPU.
