@@ -18,7 +18,6 @@ device whose results must come back through a narrow channel (the project's devi
 """
 
 import argparse
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -27,12 +26,12 @@ import tarfile
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
 
-from autoencoder import AutoEncoder, AutoEncoderConfig
+import weights
 from shapes import bank
-from shapes.autoencoding import train_autoencoder, train_tokenizer
-from shapes.recipe import Recipe, ae_config, scene_config
+from shapes.autoencoding import save_autoencoder, train_autoencoder, train_tokenizer, unit_scaled
+from shapes.recipe import Recipe, add_recipe_flags, recipe_from, scene_config
 
 SUMMARY = {
     "step": "step",
@@ -49,41 +48,27 @@ SUMMARY = {
 def recipe_from_flags(flags: list[str]) -> Recipe:
     """The Recipe that `shapes.train` would build from these recipe flags (others are ignored)."""
     parser = argparse.ArgumentParser(add_help=False)
-    for field in dataclasses.fields(Recipe):
-        kind = type(field.default)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=str, default=None)
-    known, _ = parser.parse_known_args(flags)
-    values = {}
-    for field in dataclasses.fields(Recipe):
-        text = getattr(known, field.name)
-        if text is not None:
-            kind = type(field.default)
-            values[field.name] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
-    return Recipe(**values)
+    add_recipe_flags(parser)
+    return recipe_from(parser.parse_known_args(flags)[0])
 
 
 def prepare_bank(recipe: Recipe, ae_folder: Path | None, out: Path, device: str, workers: int) -> tuple[Path, Path]:
     """Draw, encode and tokenise the recipe's training scenes once, into out/bank.pt (loaded by every arm). Without
     `ae_folder` the autoencoder is trained here first (`train_autoencoder`, seconds on a GPU), its latent shift and
-    scale measured on the bank itself, and saved to out/ae. Returns the bank's path and the autoencoder's folder."""
+    scale measured on the bank itself (`unit_scaled`, as `shapes.train` does), and saved to out/ae. Returns the
+    bank's path and the autoencoder's folder."""
     tok = train_tokenizer(out / "tokenizer_2", 0)
     options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
     if ae_folder is not None:
-        ae = AutoEncoder(AutoEncoderConfig(**json.loads((ae_folder / "ae_config.json").read_text())))
-        ae.load_state_dict(load_file(ae_folder / "ae.safetensors"), strict=True)
+        ae = weights.load_autoencoder(ae_folder, device=device, dtype=torch.float32)
     else:
         ae = train_autoencoder(recipe, device, 0, lambda record: print(json.dumps(record), flush=True))
-    data = bank.build(ae.to(device).eval(), tok, list(range(recipe.scenes)), scene_config(recipe), options,
-                      recipe.max_length, recipe.caption_variants, device, workers)  # fmt: skip
-    if ae_folder is None:  # latents of unit spread around zero, as train.autoencoder_stage makes them
-        shift, scale = data.latents.mean().item(), 1.0 / data.latents.std().item()
-        data.latents = scale * (data.latents - shift)
-        scaled = AutoEncoder(ae_config(recipe, scale, shift))
-        scaled.load_state_dict(ae.state_dict(), strict=True)
+    data = bank.build(ae.eval(), tok, list(range(recipe.scenes)), scene_config(recipe), options, recipe.max_length,
+                      recipe.caption_variants, device, workers)  # fmt: skip
+    if ae_folder is None:
+        ae, data.latents = unit_scaled(ae, data.latents, recipe)
         ae_folder = out / "ae"
-        ae_folder.mkdir(parents=True, exist_ok=True)
-        save_file(scaled.state_dict(), ae_folder / "ae.safetensors")
-        (ae_folder / "ae_config.json").write_text(json.dumps(dataclasses.asdict(scaled.config), indent=2) + "\n")
+        save_autoencoder(ae, ae_folder)
     return bank.save(data, recipe, out / "bank.pt"), ae_folder
 
 

@@ -9,11 +9,12 @@ import sentencepiece
 import torch
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from autoencoder import AutoEncoder, AutoEncoderConfig
+import weights
+from autoencoder import AutoEncoder
 from shapes.recipe import Recipe, ae_config, lr_at, scene_config
-from shapes.scenes import SceneConfig, corpus, held_out_seeds, make_batch, training_seeds
+from shapes.scenes import Scene, SceneConfig, corpus, held_out_seeds, make_batch, to_tensor, training_seeds
 from t5 import T5Tokenizer
 
 
@@ -67,10 +68,10 @@ def train_autoencoder(recipe: Recipe, device: str, seed: int, log) -> AutoEncode
 
 
 @torch.no_grad()
-def encode_scenes(ae: AutoEncoder, seeds: list[int], config: SceneConfig, device: str) -> torch.Tensor:
-    """Scaled latents (S, 16, size/8, size/8) of the scenes of `seeds`, in batches of 32."""
-    chunks = [ae.encode(make_batch(seeds[i : i + 32], config)[0].to(device)) for i in range(0, len(seeds), 32)]
-    return torch.cat(chunks)
+def encode_scenes(ae: AutoEncoder, scenes: list[Scene], device: str) -> torch.Tensor:
+    """Latents (S, 16, size/8, size/8) of drawn scenes, in batches of 32."""
+    images = [s.image for s in scenes]
+    return torch.cat([ae.encode(to_tensor(images[i : i + 32]).to(device)) for i in range(0, len(images), 32)])
 
 
 @torch.no_grad()
@@ -84,27 +85,31 @@ def reconstruction_check(ae: AutoEncoder, config: SceneConfig, path: Path, devic
     return round((rec - x).pow(2).mean().item(), 5)
 
 
-def autoencoder_stage(recipe: Recipe, out: Path, device: str, seed: int, reuse: Path | None, log):
-    """The scaled autoencoder and the latent cache: an earlier run's (`reuse`), or trained and measured here."""
-    if reuse is not None:
-        config = AutoEncoderConfig(**json.loads((reuse / "ae_config.json").read_text()))
-        ae = AutoEncoder(config)
-        ae.load_state_dict(load_file(reuse / "ae.safetensors"), strict=True)
-        cache = torch.load(reuse / "latents.pt") if (reuse / "latents.pt").exists() else {"world": recipe.world}
-        if cache.get("world", "full") != recipe.world:
-            raise ValueError(
-                f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
-                f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
-            )
-        return ae.to(device).eval(), cache
-    ae = train_autoencoder(recipe, device, seed, log)
-    raw = encode_scenes(ae, list(range(recipe.scenes)), scene_config(recipe), device)  # scale 1, shift 0 so far
+def unit_scaled(ae: AutoEncoder, raw: torch.Tensor, recipe: Recipe) -> tuple[AutoEncoder, torch.Tensor]:
+    """The autoencoder with the shift and scale that give the training latents `raw` (encoded with shift 0, scale 1)
+    mean 0 and standard deviation 1, and those latents so scaled."""
     shift, scale = raw.mean().item(), 1.0 / raw.std().item()
-    trained, ae = ae, AutoEncoder(ae_config(recipe, scale, shift)).to(device).eval()
-    ae.load_state_dict(trained.state_dict(), strict=True)
-    log({"stage": "ae", "held_out_mse": reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device)})
-    cache = {"world": recipe.world, "train": scale * (raw - shift)}
-    torch.save(cache, out / "latents.pt")
-    save_file(ae.state_dict(), out / "ae.safetensors")
-    (out / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
-    return ae, cache
+    scaled = AutoEncoder(ae_config(recipe, scale, shift)).to(raw.device).eval()
+    scaled.load_state_dict(ae.state_dict(), strict=True)
+    return scaled, scale * (raw - shift)
+
+
+def save_autoencoder(ae: AutoEncoder, folder: Path) -> None:
+    """ae.safetensors and ae_config.json: the layout `weights.load_autoencoder` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(ae.state_dict(), folder / "ae.safetensors")
+    (folder / "ae_config.json").write_text(json.dumps(dataclasses.asdict(ae.config), indent=2) + "\n")
+
+
+def reused_autoencoder(recipe: Recipe, reuse: Path, device: str) -> tuple[AutoEncoder, torch.Tensor | None]:
+    """An earlier run's scaled autoencoder and, when it cached them for this recipe's world, its training latents."""
+    ae = weights.load_autoencoder(reuse, device=device, dtype=torch.float32).eval()
+    if not (reuse / "latents.pt").exists():
+        return ae, None
+    cache = torch.load(reuse / "latents.pt")
+    if cache.get("world", "full") != recipe.world:
+        raise ValueError(
+            f"{reuse / 'latents.pt'} holds scenes of the {cache.get('world', 'full')!r} world, the recipe asks for "
+            f"{recipe.world!r}: train without --ae, or reuse a run of the same world"
+        )
+    return ae, cache["train"]

@@ -1,6 +1,8 @@
 """The recipe of a shapes model: one frozen dataclass whose fields are `shapes.train`'s flags, and the configs of the
 models it builds (Flux, T5, the autoencoder) and of the scenes it draws."""
 
+import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -131,3 +133,25 @@ def lr_at(step: int, recipe_steps: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, recipe_steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Recipe field (`--t5-layers 0`, `--bf16 true`), defaulting to the field's default."""
+    for field in dataclasses.fields(Recipe):
+        kind = type(field.default)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", type=parse_bool if kind is bool else kind, default=field.default
+        )
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    """The Recipe of parsed `add_recipe_flags` flags."""
+    return Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})

@@ -33,10 +33,18 @@ from mmdit import Flux
 from sampling import image_ids, pack, text_ids
 from shapes import bank
 from shapes import eval as alignment
-from shapes.autoencoding import autoencoder_stage, encode_scenes, train_tokenizer
+from shapes.autoencoding import (
+    encode_scenes,
+    reconstruction_check,
+    reused_autoencoder,
+    save_autoencoder,
+    train_autoencoder,
+    train_tokenizer,
+    unit_scaled,
+)
 from shapes.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from shapes.eval import isolation_mask
-from shapes.recipe import Recipe, flux_config, lr_at, scene_config, t5_config
+from shapes.recipe import Recipe, add_recipe_flags, flux_config, lr_at, recipe_from, scene_config, t5_config
 from shapes.scenes import held_out_seeds, make_scene
 from t5 import T5Encoder
 
@@ -166,18 +174,30 @@ def train(
     tok = train_tokenizer(out / "tokenizer_2", seed)
     # the pipeline pads prompts and concepts to this length (T5 runs unmasked, so the length changes the encodings)
     (out / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": recipe.max_length}))
-    ae, cache = autoencoder_stage(recipe, out, device, seed, reuse, log)
-    options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless, recipe.positions)
-    cached = cache.get("train")
-    cached = cached[: recipe.scenes].to(device) if cached is not None and len(cached) >= recipe.scenes else None
+    if bank_file is not None and reuse is None:
+        raise ValueError(f"--bank {bank_file} was encoded by an existing autoencoder: give it with --ae")
+    ae, cached = reused_autoencoder(recipe, reuse, device) if reuse is not None else (None, None)
+    if ae is None:  # trained here; its latent shift and scale are measured on the bank's (unscaled) latents below
+        ae = train_autoencoder(recipe, device, seed, log)
+    if cached is not None and len(cached) < recipe.scenes:
+        cached = None
     if bank_file is not None:
         data = bank.load(bank_file, recipe, device)
     else:
+        options = bank.CaptionOptions(recipe.background_phrase, recipe.single_word, recipe.colourless,
+                                      recipe.positions)  # fmt: skip
         data = bank.build(ae, tok, list(range(recipe.scenes)), scene_config(recipe), options, recipe.max_length,
-                          recipe.caption_variants, device, workers, latents=cached, progress=False)  # fmt: skip
+                          recipe.caption_variants, device, workers,
+                          latents=None if cached is None else cached[: recipe.scenes], progress=False)  # fmt: skip
+    if reuse is None:
+        ae, data.latents = unit_scaled(ae, data.latents, recipe)
+        mse = reconstruction_check(ae, scene_config(recipe), out / "ae_samples.png", device)
+        log({"stage": "ae", "held_out_mse": mse})
+        save_autoencoder(ae, out)
+        torch.save({"world": recipe.world, "train": data.latents.cpu()}, out / "latents.pt")
     held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
     held_captions = [s.caption for s in held_scenes]
-    held_latents = encode_scenes(ae, held_out_seeds(recipe.eval_scenes), scene_config(recipe), device)
+    held_latents = encode_scenes(ae, held_scenes, device)
     log({"stage": "data", "latents": list(data.latents.shape), "std": data.latents.std().item()})
 
     # 4: T5 + Flux
@@ -290,15 +310,11 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=None, help="a bank.pt drawn ahead by shapes.arms")
     parser.add_argument("--eval-minutes", type=float, default=None, help="also evaluate every this many minutes")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its own recipe)")
-    for field in dataclasses.fields(Recipe):
-        kind = type(field.default)
-        parser.add_argument(
-            f"--{field.name.replace('_', '-')}", type=parse_bool if kind is bool else kind, default=field.default
-        )
+    add_recipe_flags(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # one thread per process is fastest on a small shared CPU
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    recipe = recipe_from(args)
     if args.resume is not None:
         recipe_file = args.resume / "checkpoint" / "recipe.json"
         if not recipe_file.is_file():
@@ -312,14 +328,6 @@ def main() -> None:
     train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None,
           workers=args.workers, batch_probe=tuple(args.batch_probe), probe_seconds=args.probe_seconds,
           eval_minutes=args.eval_minutes, bank_file=args.bank)  # fmt: skip
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 if __name__ == "__main__":

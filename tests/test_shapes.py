@@ -372,7 +372,7 @@ def test_bank_pairs_each_scene_with_its_own_captions(tmp_path):
         assert np.array_equal(a, b) and ca == cb
     latents = torch.randn(10, 16, 4, 4)
     data = build(None, tok, seeds, config, options, 32, 4, "cpu", latents=latents, progress=False)
-    assert data.tokens.shape == (10, 4, 32) and data.latents is not None
+    assert data.tokens.shape == (10, 4, 32) and torch.equal(data.latents, latents)
     captions = [c for _, chunk in here for c in chunk]
     for i, seed in enumerate(seeds):
         scene = make_scene(seed, config)
