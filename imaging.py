@@ -37,6 +37,7 @@ _INFERNO = np.array(
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # where Pillow refuses a decompression bomb: about 179 million pixels
+SOURCE_KEY = "concept_attention.source"  # `load_image` keeps the file's path in the image's info under this key
 
 
 def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -45,8 +46,11 @@ def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) 
     EXIF orientation is applied (phone photos come out as they are shown); alpha is composited over `background`
     (default white); 16-bit data is scaled by 255/65535 and float data in [0, 1] by 255; a multi-frame file gives its
     first frame. Modes that cannot be mapped to RGB faithfully, float data outside [0, 1], integer data outside
-    0..65535 and images above Pillow's decompression-bomb limit are refused with a one-line error."""
-    path = Path(path)
+    0..65535 and images above Pillow's decompression-bomb limit are refused with a one-line error. The file's
+    absolute path is kept in `image.info[SOURCE_KEY]` (so that a result is never saved over its own input)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file; give one PNG, JPEG, TIFF or WebP file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -59,7 +63,9 @@ def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) 
                         "(a possible decompression bomb); resize it first"
                     )
                 im.load()
-                return to_rgb(ImageOps.exif_transpose(im), path, background)
+                rgb = to_rgb(ImageOps.exif_transpose(im), path, background)
+                rgb.info[SOURCE_KEY] = str(path.resolve())
+                return rgb
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: {err}; resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -4,6 +4,10 @@ the memory estimate, Settings and concept checks, the text warnings and the outp
 Expected pixels come from the definition of each format (16-bit: v * 255 / 65535; float: v * 255; alpha: the
 compositing formula over white; EXIF orientation 6: a quarter turn clockwise), computed here with numpy."""
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +220,95 @@ def test_native_size_comes_from_the_model(tmp_path):
 
     assert native_size(BUILTIN_MODEL) == 128  # the built-in model's recipe: trained on 128 px scenes
     assert native_size(tmp_path) == NATIVE_SIZE == 1024  # FLUX.1's, for any other model
+
+
+# ---- issue 24: nothing of the user's is ever deleted or overwritten -------------------------------------------------
+def tree(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_users_folder_with_result_names_is_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "label_1.png").write_text("x")
+    Image.new("RGB", (8, 8), "red").save(out / "image.png")
+    (out / "settings.json").write_text('{"mine": 1}')
+    before = tree(out)
+    for attempt in (lambda: OutputFolder(out, ["cat"]), lambda: fake_result(["cat"]).save(out)):
+        with pytest.raises(ValueError, match="not a result of this program") as err:
+            attempt()
+        assert one_line(err.value) and "nothing was changed" in str(err.value)
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("change", ["added", "changed", "replaced settings"])
+def test_an_earlier_result_the_user_changed_is_not_replaced(tmp_path, change):
+    out = fake_result(["cat", "sky"]).save(tmp_path / "out")
+    if change == "added":
+        (out / "masks" / "label_1.png").write_text("mine")
+    elif change == "changed":
+        Image.new("RGB", (8, 8), "red").save(out / "image.png")
+    else:
+        (out / "settings.json").write_text("{}")
+    before = tree(out)
+    with pytest.raises(ValueError, match="not a result of this program"):
+        fake_result(["dog"]).save(out)
+    assert tree(out) == before
+
+
+def test_save_never_replaces_the_explained_image(tmp_path):
+    out = fake_result(["cat"]).save(tmp_path / "out")  # an earlier result, whose image.png is then explained
+    image = imaging.load_image(out / "image.png")
+    result = ConceptResult(image, ["cat"], torch.rand(1, 2, 2), Settings(), {"mode": "explain"})
+    before = tree(out)
+    with pytest.raises(ValueError, match="lies inside the output folder"):
+        result.save(out)
+    assert tree(out) == before
+    saved = json.loads((result.save(tmp_path / "other") / "settings.json").read_text())
+    assert saved["image"] == str((out / "image.png").resolve())  # the input's path is recorded
+
+
+def test_a_symlinked_output_folder_is_followed_and_nothing_is_left_behind(tmp_path):
+    target = fake_result(["cat"]).save(tmp_path / "target")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    fake_result(["dog"]).save(link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert sorted(p.name for p in (target / "heatmaps").iterdir()) == ["00_dog.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]  # no hidden .link.*.old
+
+
+def test_the_current_folder_is_refused(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", here, tmp_path):
+        with pytest.raises(ValueError, match="is the current folder or holds it") as err:
+            OutputFolder(out, ["cat"])
+        assert one_line(err.value)
+    assert here.is_dir() and Path.cwd() == here and not list(here.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_a_mount_point_is_refused_before_the_run(tmp_path, monkeypatch):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setattr(saliency.os.path, "ismount", lambda p: Path(p) == volume)
+    with pytest.raises(ValueError, match="is a mount point") as err:
+        OutputFolder(volume, ["cat"])
+    assert one_line(err.value) and str(volume / "result") in str(err.value)
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_an_unreadable_result_folder_is_refused_in_one_line(tmp_path):
+    out = fake_result(["cat"]).save(tmp_path / "out")
+    (out / "masks").chmod(0)
+    try:
+        if os.access(out / "masks", os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(ValueError) as err:
+            fake_result(["dog"]).save(out)
+        assert one_line(err.value)
+    finally:
+        (out / "masks").chmod(0o755)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["00_cat.png"]
