@@ -134,7 +134,31 @@ def check_out(out: str | Path) -> Path:
         probe.unlink()
     except OSError as error:
         raise ValueError(f"cannot write to the output folder {out} ({error.strerror}); choose another --out") from None
+    check_results_are_ours(out)
     return out
+
+
+RESULT_FILES = ("results.json", "results.md")
+
+
+def check_results_are_ours(out: Path) -> None:
+    """Raise unless OUT's results.json and results.md are absent or provably an earlier merge's (a results.json of
+    this program, and a results.md that is exactly its table): a run never overwrites a user's own files."""
+    present = [name for name in RESULT_FILES if (out / name).exists()]
+    if not present:
+        return
+    try:
+        results = json.loads((out / "results.json").read_text())
+        ours = isinstance(results, dict) and "config_hash" in results and "methods" in results
+        md = out / "results.md"
+        ours = ours and (not md.exists() or md.read_text() == markdown_table(results))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"the output folder {out} holds {' and '.join(present)} that this program did not write (or that were "
+            "changed); nothing was changed: move them away, or give another --out"
+        )
 
 
 @dataclass
@@ -374,6 +398,7 @@ def merge(out: str | Path, world_size: int | None = None, config_hash: str | Non
         stats = [metrics.ImageStats.from_json(d) for s in shards for d in s["stats"][method["name"]]]
         numbers = metrics.summarize(stats, tuple(first["class_names"]), tuple(protocol["paper"]))
         results["methods"].append({**method, "metrics": numbers})
+    check_results_are_ours(out)  # again: they may have appeared while the run was computing
     for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown_table(results))):
         tmp = out / f"{name}.tmp{os.getpid()}"
         tmp.write_text(text)

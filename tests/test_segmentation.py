@@ -675,3 +675,27 @@ def test_average_precision_on_runs_matches_sklearn():
     # one tie split over two runs counts as one threshold: (2 pixels, 1 positive) -> precision 1/2 at recall 1
     assert average_precision([0.5, 0.2, 0.5], [1, 0, 0]) == pytest.approx(0.5)
     assert average_precision([0.5, 0.2, 0.5], [0, 0, 1]) == pytest.approx(0.5)
+
+
+def test_a_users_results_files_are_never_overwritten(imagenet_file, tmp_path, capsys):
+    """Issue 24: OUT's results.json and results.md are replaced only when they are an earlier merge's, unchanged."""
+    path, _ = imagenet_file
+    data = ImageNetSegmentation(path)
+    protocol = small_imagenet_protocol()
+    methods = method_grid(["output"], [True], [None], [0.5], [False])
+    (tmp_path / "map.json").write_text(json.dumps(CLASS_MAP))
+    kwargs = dict(class_map=str(tmp_path / "map.json"), progress=False)
+    for name in ("results.md", "results.json"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("my own notes\n")
+        with pytest.raises(ValueError, match="did not write") as err:
+            run(FakePipeline(protocol.background), data, protocol, methods, out, **kwargs)
+        assert "\n" not in str(err.value)
+        assert (out / name).read_text() == "my own notes\n"
+    out = tmp_path / "ours"
+    run(FakePipeline(protocol.background), data, protocol, methods, out, **kwargs)
+    run(FakePipeline(protocol.background), data, protocol, methods, out, **kwargs)  # an earlier merge is replaced
+    (out / "results.md").write_text("edited by hand\n")
+    assert main(["merge", "--out", str(out)]) == 2 and "did not write" in capsys.readouterr().err
+    assert (out / "results.md").read_text() == "edited by hand\n"
