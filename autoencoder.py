@@ -79,6 +79,19 @@ CONFIGS: dict[str, AutoEncoderConfig] = {
         scale_factor=0.3611,
         shift_factor=0.1159,
     ),
+    # SD3 / SD3.5 (`first_stage_model.` in the single files; diffusers vae/config.json): Flux's topology, another
+    # latent scale and shift
+    "sd3": AutoEncoderConfig(
+        resolution=256,
+        in_channels=3,
+        ch=128,
+        out_ch=3,
+        ch_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        z_channels=16,
+        scale_factor=1.5305,
+        shift_factor=0.0609,
+    ),
     # Same topology (4 levels, factor 8, 16 latent channels) at a width tests can afford.
     "tiny": AutoEncoderConfig(
         resolution=32,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from .math import apply_rope, attention, concept_attention, linear_normalization, modulate, rope
+from .math import apply_rope, attention, concept_attention, linear_normalization, modulate, rms_norm, rope
 
 SPACES = ("output", "attention", "value", "cross_attention")
 
@@ -50,9 +50,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        rrms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * rrms).to(x.dtype) * self.scale
+        return rms_norm(x, self.scale, self.eps)
 
 
 class QKNorm(nn.Module):
@@ -117,10 +115,19 @@ def pre_attention(x: Tensor, mod: ModulationOut, attn: SelfAttention) -> tuple[T
 
 
 def post_attention(
-    x: Tensor, a: Tensor, mod1: ModulationOut, mod2: ModulationOut, attn: SelfAttention, mlp: nn.Module
+    x: Tensor,
+    a: Tensor,
+    mod1: ModulationOut,
+    mod2: ModulationOut,
+    attn: SelfAttention,
+    mlp: nn.Module,
+    extra: Tensor | None = None,
 ) -> Tensor:
-    """One stream after attention: gated residual of the projected attention output a (B, L, H*D), then of the MLP."""
+    """One stream after attention: gated residual of the projected attention output a (B, L, H*D), then of the MLP.
+    `extra` (B, L, hidden), a further gated residual added before the MLP (SD3.5 Medium's second image attention)."""
     x = x + mod1.gate * attn.proj(a)
+    if extra is not None:
+        x = x + extra
     return x + mod2.gate * mlp(modulate(x, mod2.shift, mod2.scale))
 
 

@@ -101,6 +101,12 @@ def concept_attention(
     return o_c, weights
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / rms(x) over the last dimension in float32, cast back to x's dtype, then times the learnt `weight`."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """adaLN: (1 + scale) * LayerNorm(x) + shift, with a parameter-free LayerNorm over the last dimension."""
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift

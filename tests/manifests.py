@@ -6,6 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [Path(p) for p in (os.environ.get("FLUX_MANIFESTS"),) if p] + [
+    ROOT / "tests" / "manifests",  # SD3.5's, kept with the tests
     ROOT.parent / "shared" / "manifests",
     Path("/work/shared/manifests"),
 ]
