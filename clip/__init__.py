@@ -1,4 +1,4 @@
-"""CLIP-L text encoder (FLUX.1's text_encoder, for the pooled vector) and its BPE tokenizer (tokenizer)."""
+"""The CLIP text encoder (FLUX.1's CLIP-L; SD3's CLIP-L and bigG, by config) and its BPE tokenizer."""
 
 from .model import CONFIGS, CLIPTextConfig, CLIPTextEncoder
 from .tokenizer import CLIPTokenizer

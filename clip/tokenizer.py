@@ -1,4 +1,5 @@
-"""The CLIP tokenizer of FLUX.1's `tokenizer/` folder: byte-level BPE over `vocab.json` + `merges.txt`.
+"""The CLIP tokenizer of FLUX.1's `tokenizer/` and SD3's `tokenizer/` + `tokenizer_2/`: byte-level BPE over
+`vocab.json` + `merges.txt`.
 
 Follows transformers' `CLIPTokenizer` (the `tokenizers`-backed one; `CLIPTokenizerFast` in transformers 4), built with
 the `tokenizers` library from the two files:
@@ -7,8 +8,14 @@ the `tokenizers` library from the two files:
   characters), then map bytes to GPT-2's printable characters;
 - BPE with `</w>` appended to the last symbol of each word; `<|startoftext|>` and `<|endoftext|>` typed in the text
   are special tokens.
-Differs in: one call returns the padded id tensor Flux needs, `[BOS] + pieces[:max_length - 2] + [EOS]` padded with EOS
-to `max_length` (77), with BOS and EOS looked up in the vocabulary (49406 and 49407 for CLIP-L).
+Differs in: one call returns the padded id tensor Flux needs, `[BOS] + pieces[:max_length - 2] + [EOS]` padded with the
+pad token to `max_length` (77), with BOS and EOS looked up in the vocabulary (49406 and 49407 for CLIP-L).
+
+The pad token: `<|endoftext|>` unless the folder's `tokenizer_config.json` or `special_tokens_map.json` names another
+(the former wins, as in transformers). SD3's and SDXL's bigG `tokenizer_2/` says "!" (id 0). As in transformers, a pad
+token other than EOS is a special token, so a "!" typed in the text also becomes id 0 there (not the piece "!</w>").
+Whether BOS, EOS and pad are matched before or after normalisation (lower-casing: a typed "<|StartOfText|>") is read
+from `added_tokens_decoder` (`normalized`), else from the token's entry; by default, before (transformers' default).
 
 Note that transformers 4's slow `CLIPTokenizer` (which older diffusers used) pre-processes differently when `ftfy` is
 missing (BERT-style clean-up that also splits CJK characters apart); this follows the fast one.
@@ -28,19 +35,45 @@ EOS = "<|endoftext|>"
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def special_tokens(folder: Path) -> tuple[str, frozenset[str]]:
+    """The pad token and the special tokens matched after normalisation, from `special_tokens_map.json` and
+    `tokenizer_config.json` (which wins) when the folder has them."""
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            settings |= json.loads((folder / name).read_text(encoding="utf-8"))
+    entries = [settings[key] for key in ("bos_token", "eos_token", "pad_token") if isinstance(settings.get(key), dict)]
+    entries += list(settings.get("added_tokens_decoder", {}).values())  # the later entry of a token wins
+    flags = {entry["content"]: entry.get("normalized", False) for entry in entries}
+    pad = settings.get("pad_token") or EOS  # null: no padding in transformers; ours always pads, as CLIP-L does
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    unsupported = sorted(set(flags) - {BOS, EOS, pad})
+    if unsupported:
+        raise ValueError(f"{folder}: added tokens {unsupported} are not supported (only BOS, EOS and the pad token)")
+    return pad, frozenset(token for token, flag in flags.items() if flag)
+
+
 class CLIPTokenizer:
     """Build with `from_folder` (a `tokenizer/`-style folder) or from the vocabulary and merges themselves."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        pad_token: str = EOS,
+        normalized: frozenset[str] = frozenset(),
+    ):
+        """`pad_token`: the padding piece (CLIP-L: EOS; bigG: "!"); `normalized`: the special tokens (of BOS, EOS and
+        the pad token) matched in the normalised text rather than the raw one."""
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
-        for name in (BOS, EOS):
+        for name in (BOS, EOS, pad_token):
             if name not in vocab:
                 raise ValueError(f"the CLIP vocabulary has no {name} token")
         self.bos_id = vocab[BOS]
         self.eos_id = vocab[EOS]
-        self.pad_id = self.eos_id  # CLIP pads with <|endoftext|>
+        self.pad_id = vocab[pad_token]
         self.vocab_size = len(vocab)
         bpe = BPE(vocab, merges, unk_token=EOS, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
         self.backend = Tokenizer(bpe)
@@ -54,7 +87,10 @@ class CLIPTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False),
             ]
         )
-        self.backend.add_special_tokens([AddedToken(BOS, special=True), AddedToken(EOS, special=True)])
+        specials = dict.fromkeys((BOS, EOS, pad_token))  # the pad token is EOS for CLIP-L
+        self.backend.add_special_tokens(
+            [AddedToken(token, special=True, normalized=token in normalized) for token in specials]
+        )
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
@@ -74,7 +110,7 @@ class CLIPTokenizer:
             if len(pair) != 2:
                 raise ValueError(f"{folder / 'merges.txt'} line {number} is not two symbols: {line!r}")
             merges.append((pair[0], pair[1]))
-        return cls(vocab, merges)
+        return cls(vocab, merges, *special_tokens(folder))
 
     def encode(self, text: str) -> list[int]:
         """BOS + BPE ids of `text` + EOS; no truncation, no padding."""

@@ -1,13 +1,17 @@
-"""The CLIP text encoder against transformers' CLIPTextModel (same random weights), the checkpoint manifest, and its
-errors. Tiny configs only."""
+"""The CLIP text encoder against transformers' CLIPTextModel and CLIPTextModelWithProjection (same random weights), the
+checkpoint manifest, loading SD3's two CLIPs from folders transformers wrote, the tokenizer's pad token (CLIP-L: EOS,
+bigG: "!") against transformers' CLIPTokenizer, and the errors. Tiny configs only (bigG's layout on the meta device)."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from test_tokenizers import STRINGS, bytes_to_unicode, corpus, learn_merges
 
-from clip import CONFIGS, CLIPTextConfig, CLIPTextEncoder
+import weights
+from clip import CONFIGS, CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 from clip.model import LEGACY_KEYS
 from manifests import manifest_shapes
 from tiny import random_state
@@ -146,3 +150,228 @@ def test_errors():
         replace(TINY, num_attention_heads=5)
     with pytest.raises(ValueError, match="layer_norm_eps must be positive"):
         replace(TINY, layer_norm_eps=0.0)
+
+
+# ---------------------------------------------------------------------------------------- SD3: projection, bigG, gelu
+
+# (name, config, eos_token_id of the reference's config): SD3's CLIP-L with its projection under the legacy
+# eos_token_id 2 (argmax pooling), and a bigG-like one (exact GELU, projection to another width) under the real EOS id
+# (first-EOS pooling); both pick the same position on tokenizer output, which is what is checked.
+PROJECTION_CASES = [
+    ("clip-l-projection", replace(TINY, projection_dim=24), 2),
+    ("clip-g", CONFIGS["tiny-g"], CONFIGS["tiny-g"].vocab_size - 1),
+]
+
+
+def reference_with_projection(config: CLIPTextConfig, eos_token_id: int) -> torch.nn.Module:
+    hf_config = transformers.CLIPTextConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps,
+        hidden_act=config.hidden_act,
+        projection_dim=config.projection_dim,
+        attention_dropout=0.0,
+        bos_token_id=config.vocab_size - 2,
+        eos_token_id=eos_token_id,
+        pad_token_id=1,
+    )
+    hf_config._attn_implementation = "eager"
+    return transformers.CLIPTextModelWithProjection(hf_config).eval()
+
+
+def padded_batch(config: CLIPTextConfig, pad: int) -> torch.Tensor:
+    """Three rows of 77: BOS, 20 pieces, EOS, padding; BOS, 75 pieces, EOS; BOS, EOS, padding (the empty prompt)."""
+    eos, bos = config.vocab_size - 1, config.vocab_size - 2
+    ids = torch.randint(1, bos, (3, 77), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = bos
+    ids[0, 21], ids[0, 22:] = eos, pad
+    ids[1, -1] = eos
+    ids[2, 1], ids[2, 2:] = eos, pad
+    return ids
+
+
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((ours - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=PROJECTION_CASES, ids=[case[0] for case in PROJECTION_CASES])
+def projection_pair(request):
+    name, config, eos_token_id = request.param
+    ours = CLIPTextEncoder(config).eval()
+    state = random_state(ours, seed=3)
+    ours.load_state_dict(state, strict=True)
+    hf = reference_with_projection(config, eos_token_id)
+    hf.load_state_dict(state, strict=True)  # CLIPTextModelWithProjection keeps the text_model. prefix
+    return name, ours, hf
+
+
+@torch.no_grad()
+def test_projection_matches_transformers_fp32(projection_pair):
+    """What SD3 reads (diffusers' _get_clip_prompt_embeds): hidden_states[-2] and the projected pooled output
+    (text_embeds); also the last hidden state. Padding with EOS (CLIP-L) and with "!" = id 0 (bigG)."""
+    name, ours, hf = projection_pair
+    for pad in (ours.config.vocab_size - 1, 0):
+        ids = padded_batch(ours.config, pad)
+        penultimate, pooled = ours(ids, penultimate=True)
+        last, pooled_again = ours(ids)
+        expected = hf(input_ids=ids, output_hidden_states=True)
+        assert pooled.shape == (3, ours.config.projection_dim)
+        errors = {
+            "penultimate": relative_error(penultimate, expected.hidden_states[-2]),
+            "pooled": relative_error(pooled, expected.text_embeds),
+            "last": relative_error(last, expected.last_hidden_state),
+        }
+        absolute = (pooled - expected.text_embeds).abs().max().item()
+        print(
+            f"{name} fp32, pad {pad}: max relative error "
+            + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+            + f" (pooled max abs {absolute:.2e})"
+        )
+        # fp32 tolerance 1e-5 of the largest value: the same maths; SDPA against the explicit softmax differ by ~1e-7
+        assert max(errors.values()) <= 1e-5
+        torch.testing.assert_close(pooled_again, pooled, rtol=0, atol=0)
+        # the pooled row is the final-normed state at the first EOS, projected
+        projected = ours.text_projection(last[[0, 1, 2], [21, 76, 1]])
+        torch.testing.assert_close(pooled, projected, rtol=0, atol=0)
+
+
+def test_clip_g_layout_matches_transformers():
+    """bigG's names and shapes (SD3's text_encoder_2) equal transformers' CLIPTextModelWithProjection with its config,
+    both built on the meta device; 694,659,840 parameters."""
+    config = CONFIGS["clip-g"]
+    with torch.device("meta"):
+        ours = CLIPTextEncoder(config)
+        hf = reference_with_projection(config, eos_token_id=2)
+    shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
+    assert shapes == {name: tuple(t.shape) for name, t in hf.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == 694_659_840
+    assert shapes["text_projection.weight"] == (1280, 1280)
+    with torch.device("meta"):
+        clip_l = CLIPTextEncoder(CONFIGS["clip-l-projection"])
+    expected = manifest_shapes("text_encoder.clip.tsv") | {"text_projection.weight": [768, 768]}
+    assert {name: list(t.shape) for name, t in clip_l.state_dict().items()} == expected
+
+
+@torch.no_grad()
+def test_loads_sd3_folders_written_by_transformers(tmp_path):
+    """SD3's layout: text_encoder/ (CLIP-L with projection, component "clip") and text_encoder_2/ (bigG, "clip_2"),
+    as transformers' save_pretrained writes them; the loaded models equal the references. Flux's CLIP-L (no
+    projection) still loads without one."""
+    models = {}
+    for (_, config, eos_token_id), folder in zip(PROJECTION_CASES, ("text_encoder", "text_encoder_2"), strict=True):
+        hf = reference_with_projection(config, eos_token_id)
+        hf.load_state_dict(random_state(CLIPTextEncoder(config), seed=4), strict=True)
+        hf.save_pretrained(str(tmp_path / folder))
+        models[folder] = hf
+    for folder, component in (("text_encoder", "clip"), ("text_encoder_2", "clip_2")):
+        ours = weights.load_clip_encoder(tmp_path, device="cpu", dtype=torch.float32, component=component)
+        hf = models[folder]
+        assert ours.config.hidden_act == hf.config.hidden_act
+        assert ours.config.projection_dim == hf.config.projection_dim
+        ids = padded_batch(ours.config, pad=0)
+        penultimate, pooled = ours(ids, penultimate=True)
+        expected = hf(input_ids=ids, output_hidden_states=True)
+        error = max(
+            relative_error(penultimate, expected.hidden_states[-2]), relative_error(pooled, expected.text_embeds)
+        )
+        print(f"{component} loaded from {folder}/: max relative error {error:.2e}")
+        assert error <= 1e-5
+    flux = transformers.CLIPTextModel(models["text_encoder"].config)
+    flux.save_pretrained(str(tmp_path / "flux" / "text_encoder"))
+    assert weights.load_clip_encoder(tmp_path / "flux", device="cpu").text_projection is None
+
+
+def test_loader_refuses_unknown_activation(tmp_path):
+    config = CONFIGS["tiny-g"]
+    reference_with_projection(config, 2).save_pretrained(str(tmp_path / "text_encoder_2"))
+    path = tmp_path / "text_encoder_2" / "config.json"
+    path.write_text(path.read_text().replace('"gelu"', '"relu"'))
+    with pytest.raises(weights.CheckpointError, match="hidden_act relu is not supported"):
+        weights.load_clip_encoder(tmp_path, device="cpu", component="clip_2")
+
+
+def test_projection_errors():
+    with pytest.raises(ValueError, match="hidden_act must be one of"):
+        replace(TINY, hidden_act="relu")
+    with pytest.raises(ValueError, match="projection_dim must be positive"):
+        replace(TINY, projection_dim=0)
+    with pytest.raises(ValueError, match="penultimate needs at least one layer"):
+        CLIPTextEncoder(replace(TINY, num_hidden_layers=0))(torch.tensor([[BOS, EOS]]), penultimate=True)
+
+
+# ------------------------------------------------------------------------------- tokenizer: the pad token (bigG "!")
+
+
+def write_clip_tokenizer(folder: Path, pad_token: str) -> Path:
+    """A small BPE in CLIP's layout with the two JSON files of SD3's tokenizer/ (pad EOS) or tokenizer_2/ (pad "!");
+    as in those files, BOS is matched after normalisation and "!" is a special token of its own."""
+    folder.mkdir(parents=True)
+    merges = learn_merges(corpus(500, seed=3), count=300)
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges]
+    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    names = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps({**names, "pad_token": pad_token}))
+
+    def entry(content: str, normalized: bool, special: bool) -> dict:
+        flags = {"lstrip": False, "rstrip": False, "single_word": False}
+        return {"content": content, "normalized": normalized, "special": special, **flags}
+
+    added = {
+        str(vocab["<|startoftext|>"]): entry("<|startoftext|>", normalized=True, special=False),
+        str(vocab["<|endoftext|>"]): entry("<|endoftext|>", normalized=False, special=False),
+    }
+    if pad_token != "<|endoftext|>":
+        added = {str(vocab[pad_token]): entry(pad_token, normalized=False, special=True), **added}
+    config = {**names, "pad_token": pad_token, "added_tokens_decoder": added, "model_max_length": 77}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"do_lower_case": True}))
+    return folder
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"], ids=["clip-l", "clip-g"])
+def test_tokenizer_pad_token_matches_transformers(tmp_path, pad_token):
+    folder = write_clip_tokenizer(tmp_path / "tokenizer", pad_token)
+    hf = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    ours = CLIPTokenizer.from_folder(folder)
+    assert (ours.pad_id, ours.bos_id, ours.eos_id) == (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id)
+    assert ours.pad_id == (0 if pad_token == "!" else ours.eos_id)
+    mismatches = [s for s in STRINGS if ours.encode(s) != hf(s).input_ids]
+    for s in mismatches[:10]:
+        print(repr(s), ours.encode(s), hf(s).input_ids)
+    assert not mismatches, f"{len(mismatches)} of {len(STRINGS)} strings differ"
+    expected = hf(STRINGS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    torch.testing.assert_close(ours(STRINGS), expected, rtol=0, atol=0)
+    if pad_token == "!":  # a typed "!" is the pad token's id too, as in transformers
+        assert ours.encode("hi!") == [ours.bos_id, *ours.encode("hi")[1:-1], 0, ours.eos_id]
+    print(f"CLIP tokenizer, pad {pad_token}: ids of {len(STRINGS)} strings equal transformers' (77, padded)")
+
+
+def test_tokenizer_loads_from_sd3_folders(tmp_path):
+    write_clip_tokenizer(tmp_path / "tokenizer", "<|endoftext|>")
+    write_clip_tokenizer(tmp_path / "tokenizer_2", "!")
+    clip_l = weights.load_clip_tokenizer(tmp_path)
+    clip_g = weights.load_clip_tokenizer(tmp_path, component="clip_2_tokenizer")
+    assert clip_l("a cat", max_length=8)[0, -1] == clip_l.eos_id
+    assert clip_g("a cat", max_length=8)[0, -1] == 0
+    (tmp_path / "tokenizer_2" / "special_tokens_map.json").unlink()
+    (tmp_path / "tokenizer_2" / "tokenizer_config.json").unlink()
+    with pytest.raises(weights.CheckpointNotFoundError, match="special_tokens_map.json"):
+        weights.load_clip_tokenizer(tmp_path, component="clip_2_tokenizer")
+
+
+def test_tokenizer_pad_errors(tmp_path):
+    folder = write_clip_tokenizer(tmp_path / "tokenizer", "!")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.raises(ValueError, match="has no <pad> token"):
+        CLIPTokenizer.from_folder(folder)
+    extra = {"5": {"content": "<sks>", "normalized": False}}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": extra}))
+    with pytest.raises(ValueError, match="added tokens \\['<sks>'\\] are not supported"):
+        CLIPTokenizer.from_folder(folder)

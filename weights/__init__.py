@@ -156,21 +156,27 @@ def load_t5_encoder(source: str | Path = DEFAULT_REPO, device=None, dtype: torch
     return build(t5.T5Encoder, config, "t5", found, read_weights(found), (), device, dtype, ignore)
 
 
-def load_clip_encoder(source: str | Path = DEFAULT_REPO, device=None, dtype: torch.dtype | None = None):
-    """The CLIP-L text encoder from `text_encoder/` (config.json + model.safetensors, keys with or without the
-    `text_model.` prefix; a legacy position_ids buffer is ignored)."""
-    found = locate(source, "clip")
+def load_clip_encoder(
+    source: str | Path = DEFAULT_REPO, device=None, dtype: torch.dtype | None = None, component: str = "clip"
+):
+    """A CLIP text encoder from `text_encoder/` ("clip": FLUX.1's CLIP-L, SD3's CLIP-L) or SD3's `text_encoder_2/`
+    ("clip_2": bigG): config.json + model.safetensors, keys with or without the `text_model.` prefix; a legacy
+    position_ids buffer is ignored. A `text_projection.weight` in the file (CLIPTextModelWithProjection) gives the
+    model its projection; config.json's `projection_dim` is there either way and is not read."""
+    found = locate(source, component)
     cfg = read_config(found)
     cfg = cfg.get("text_config", cfg)  # a full CLIPModel config nests the text tower's
-    if cfg.get("hidden_act", "quick_gelu") != "quick_gelu":
+    if cfg.get("hidden_act", "quick_gelu") not in clip.model.ACTIVATIONS:
         raise CheckpointError(
-            f"{found.where}: hidden_act {cfg['hidden_act']} is not supported (CLIP-L uses quick_gelu)"
+            f"{found.where}: hidden_act {cfg['hidden_act']} is not supported (CLIP-L uses quick_gelu, bigG gelu)"
         )
-    config = config_from_json(clip.CLIPTextConfig, cfg, found.where)
     tensors = read_weights(found)
+    projection = tensors.get("text_projection.weight")
+    cfg = {**cfg, "projection_dim": None if projection is None else projection.shape[0]}
+    config = config_from_json(clip.CLIPTextConfig, cfg, found.where)
     rules = () if any(k.startswith("text_model.") for k in tensors) else CLIP_WITHOUT_PREFIX
     ignore = tuple(re.escape(k) for key in LEGACY_KEYS for k in (key, key.removeprefix("text_model.")))
-    return build(clip.CLIPTextEncoder, config, "clip", found, tensors, rules, device, dtype, ignore)
+    return build(clip.CLIPTextEncoder, config, component, found, tensors, rules, device, dtype, ignore)
 
 
 def load_t5_tokenizer(source: str | Path = DEFAULT_REPO) -> t5.T5Tokenizer:
@@ -179,9 +185,10 @@ def load_t5_tokenizer(source: str | Path = DEFAULT_REPO) -> t5.T5Tokenizer:
     return t5.T5Tokenizer.from_folder(found.root / found.layout.folder)
 
 
-def load_clip_tokenizer(source: str | Path = DEFAULT_REPO) -> clip.CLIPTokenizer:
-    """The CLIP tokenizer from `tokenizer/` (vocab.json + merges.txt)."""
-    found = locate(source, "clip_tokenizer")
+def load_clip_tokenizer(source: str | Path = DEFAULT_REPO, component: str = "clip_tokenizer") -> clip.CLIPTokenizer:
+    """A CLIP tokenizer from `tokenizer/` ("clip_tokenizer") or SD3's `tokenizer_2/` ("clip_2_tokenizer"): vocab.json
+    + merges.txt, and the pad token from special_tokens_map.json / tokenizer_config.json when present."""
+    found = locate(source, component)
     return clip.CLIPTokenizer.from_folder(found.root / found.layout.folder)
 
 

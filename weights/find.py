@@ -106,6 +106,22 @@ COMPONENTS: dict[str, Component] = {
     "clip_tokenizer": Component(
         "CLIP tokenizer", (Layout("tokenizer", "tokenizer", needs=(("vocab.json", "merges.txt"),)),)
     ),
+    # SD3's OpenCLIP bigG (text_encoder_2/, shipped in float16 like CLIP-L); its tokenizer pads with "!", which only
+    # special_tokens_map.json / tokenizer_config.json say, so one of them is needed too
+    "clip_2": Component("CLIP-G text encoder", (Layout("folder", "text_encoder_2", "model"),), float16_ok=True),
+    "clip_2_tokenizer": Component(
+        "CLIP-G tokenizer",
+        (
+            Layout(
+                "tokenizer",
+                "tokenizer_2",
+                needs=(
+                    ("vocab.json", "merges.txt", "special_tokens_map.json"),
+                    ("vocab.json", "merges.txt", "tokenizer_config.json"),
+                ),
+            ),
+        ),
+    ),
 }
 
 
