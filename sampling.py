@@ -118,6 +118,22 @@ def get_schedule(
     return times
 
 
+def flow_match_schedule(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> list[float]:
+    """SD3's num_steps + 1 sigmas, as diffusers' FlowMatchEulerDiscreteScheduler (static shift) makes them: the
+    training grid's ends moved by s -> shift * s / (1 + (shift - 1) * s), a linspace between them, each value moved
+    again (so the end point 1/1000 is shifted twice: 0.00896 for shift 3), then a final 0."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+
+    def shifted(s: float) -> float:
+        return shift * s / (1 + (shift - 1) * s)
+
+    top = float(torch.tensor(shifted(1.0), dtype=torch.float32))  # the table is float32 in diffusers
+    end = float(torch.tensor(shifted(1 / num_train_timesteps), dtype=torch.float32))
+    ramp = [top + (end - top) * i / (num_steps - 1) if num_steps > 1 else top for i in range(num_steps)]
+    return [float(torch.tensor(shifted(s), dtype=torch.float32)) for s in ramp] + [0.0]
+
+
 def euler_step(img: Tensor, velocity: Tensor, t_curr: float, t_prev: float) -> Tensor:
     """img + (t_prev - t_curr) * velocity, in float32, returned in img's dtype."""
     return (img.float() + (t_prev - t_curr) * velocity.float()).to(img.dtype)

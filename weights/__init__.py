@@ -47,14 +47,18 @@ from .convert import CLIP_WITHOUT_PREFIX, FLUX_FROM_DIFFUSERS, Rule, ae_from_dif
 from .errors import CheckpointError, CheckpointNotFoundError
 from .files import TensorInfo, fill, read_config, read_weights
 from .find import COMPONENTS, DEFAULT_REPO, Found, locate
+from .sd3 import family, load_sd3, load_sd3_autoencoder
 
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "family",
     "load_autoencoder",
     "load_clip_encoder",
     "load_clip_tokenizer",
     "load_flux",
+    "load_sd3",
+    "load_sd3_autoencoder",
     "load_t5_encoder",
     "load_t5_tokenizer",
     "t5_max_length",
@@ -136,9 +140,12 @@ def load_autoencoder(source: str | Path = DEFAULT_REPO, device=None, dtype: torc
     return build(autoencoder.AutoEncoder, config, "autoencoder", found, tensors, rules, device, dtype)
 
 
-def load_t5_encoder(source: str | Path = DEFAULT_REPO, device=None, dtype: torch.dtype | None = None) -> t5.T5Encoder:
-    """The T5 v1.1 encoder from `text_encoder_2/` (config.json + safetensors, usually sharded with an index)."""
-    found = locate(source, "t5")
+def load_t5_encoder(
+    source: str | Path = DEFAULT_REPO, device=None, dtype: torch.dtype | None = None, component: str = "t5"
+) -> t5.T5Encoder:
+    """The T5 v1.1 encoder from `text_encoder_2/` (config.json + safetensors, usually sharded with an index);
+    component "sd3_t5": SD3.5's `text_encoder_3/`."""
+    found = locate(source, component)
     cfg = read_config(found)
     if cfg.get("feed_forward_proj", "gated-gelu") != "gated-gelu" or cfg.get("model_type", "t5") != "t5":
         raise CheckpointError(
@@ -153,7 +160,7 @@ def load_t5_encoder(source: str | Path = DEFAULT_REPO, device=None, dtype: torch
     config = config_from_json(t5.T5Config, cfg, found.where, defaults)
     # transformers ties encoder.embed_tokens to shared; some saves store the tied copy too
     ignore = (r"encoder\.embed_tokens\.weight",)
-    return build(t5.T5Encoder, config, "t5", found, read_weights(found), (), device, dtype, ignore)
+    return build(t5.T5Encoder, config, component, found, read_weights(found), (), device, dtype, ignore)
 
 
 def load_clip_encoder(
@@ -179,9 +186,9 @@ def load_clip_encoder(
     return build(clip.CLIPTextEncoder, config, component, found, tensors, rules, device, dtype, ignore)
 
 
-def load_t5_tokenizer(source: str | Path = DEFAULT_REPO) -> t5.T5Tokenizer:
-    """The T5 tokenizer from `tokenizer_2/` (spiece.model or tokenizer.json)."""
-    found = locate(source, "t5_tokenizer")
+def load_t5_tokenizer(source: str | Path = DEFAULT_REPO, component: str = "t5_tokenizer") -> t5.T5Tokenizer:
+    """The T5 tokenizer from `tokenizer_2/` (spiece.model or tokenizer.json); "sd3_t5_tokenizer": `tokenizer_3/`."""
+    found = locate(source, component)
     return t5.T5Tokenizer.from_folder(found.root / found.layout.folder)
 
 

@@ -49,10 +49,13 @@ class Layout:
     file: str | None = None
     needs: tuple[tuple[str, ...], ...] = ()
     sidecar: bool = False
+    sai: bool = False  # Stability AI's single file (sd3.5_*.safetensors), not a BFL one
 
     def describe(self) -> str:
         if self.kind == "file" and self.sidecar:
             return f"{self.file} with {sidecar_name(self.file)} at the top"
+        if self.kind == "file" and self.sai:
+            return "Stability AI's single file at the top (sd3.5_large_turbo.safetensors or the like)"
         if self.kind == "file":
             return f"a BFL single file at the top ({self.file or 'flux1-schnell.safetensors'})"
         if self.kind == "folder":
@@ -64,7 +67,9 @@ class Layout:
 
     def fetch_command(self, repo: str | None, local_dir: Path | None = None) -> str:
         repo = repo or DEFAULT_REPO
-        if self.kind == "file":
+        if self.kind == "file" and self.sai:
+            command = f'hf download {repo} --include "sd3*.safetensors"'
+        elif self.kind == "file":
             name = self.file or ("flux1-schnell.safetensors" if repo == DEFAULT_REPO else '--include "flux1-*"')
             sidecar = f" {sidecar_name(self.file)}" if self.sidecar else ""
             command = f"hf download {repo} {name}{sidecar}"
@@ -100,6 +105,17 @@ COMPONENTS: dict[str, Component] = {
         (Layout("folder", "text_encoder", "model"), Layout("file", file="clip.safetensors", sidecar=True)),
         float16_ok=True,
     ),
+    # Stable Diffusion 3.5: diffusers folders first, then Stability AI's single file (MM-DiT and autoencoder)
+    "sd3": Component(
+        "SD3.5 transformer", (Layout("folder", "transformer", "diffusion_pytorch_model"), Layout("file", sai=True))
+    ),
+    "sd3_autoencoder": Component(
+        "SD3.5 autoencoder", (Layout("folder", "vae", "diffusion_pytorch_model"), Layout("file", sai=True))
+    ),
+    "sd3_t5": Component("T5 text encoder", (Layout("folder", "text_encoder_3", "model"),)),
+    "sd3_t5_tokenizer": Component(
+        "T5 tokenizer", (Layout("tokenizer", "tokenizer_3", needs=(("spiece.model",), ("tokenizer.json",))),)
+    ),
     "t5_tokenizer": Component(
         "T5 tokenizer", (Layout("tokenizer", "tokenizer_2", needs=(("spiece.model",), ("tokenizer.json",))),)
     ),
@@ -130,7 +146,8 @@ def match_layout(layout: Layout, names: set[str]) -> tuple[str, ...] | None:
     if layout.kind == "file":
         others = ("ae.safetensors", "t5.safetensors", "clip.safetensors")
         tops = sorted(n for n in names if "/" not in n and n.endswith(".safetensors") and n not in others)
-        picks = [layout.file] if layout.file else tops if len(tops) == 1 else [n for n in tops if n.startswith("flux")]
+        lead = "sd3" if layout.sai else "flux"
+        picks = [layout.file] if layout.file else tops if len(tops) == 1 else [n for n in tops if n.startswith(lead)]
         if len(picks) != 1 or picks[0] not in names:
             return None
         sidecar = sidecar_name(picks[0])
@@ -354,7 +371,7 @@ def locate(source: str | Path, component: str) -> Found:
     """Resolve `source` (a `.safetensors` file, a local folder, or a hub repo id) to the component's files."""
     path = Path(source).expanduser()
     if path.is_file():
-        if component not in ("flux", "autoencoder") or path.suffix != ".safetensors":
+        if component not in ("flux", "autoencoder", "sd3", "sd3_autoencoder") or path.suffix != ".safetensors":
             raise ValueError(
                 f"the {COMPONENTS[component].title} loads from a snapshot folder or a hub repo id, not from the file "
                 f"{path}; single .safetensors files are accepted for the Flux transformer and the autoencoder"

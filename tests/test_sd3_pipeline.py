@@ -1,0 +1,108 @@
+"""The SD3.5 pipeline end to end on tiny random weights: a diffusers `StableDiffusion3Pipeline` saved with
+`save_pretrained` loads into ours (the family is read from model_index.json), and our `generate` gives diffusers'
+image for the same seed, with and without classifier-free guidance, while collecting concept maps; `explain` and the
+API checks work as on Flux."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_clip import reference_with_projection, write_clip_tokenizer
+from test_sd3_text import CLIP_G, CLIP_L, MAX_LENGTH, T5_CONFIG, WIDTH, t5_reference
+
+import clip
+import t5
+from concept_attention import ConceptAttentionPipeline
+from saliency import Settings
+from sd3.pipeline import SD3Pipeline
+from tiny import random_state, train_spiece
+
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """A tiny SD3 snapshot written by diffusers (turbo in its name: 4 steps, no guidance by default)."""
+    source = tmp_path_factory.mktemp("tokenizers")
+    write_clip_tokenizer(source / "tokenizer", "<|endoftext|>")
+    write_clip_tokenizer(source / "tokenizer_2", "!")
+    train_spiece(source / "tokenizer_3")
+    eos = clip.CLIPTokenizer.from_folder(source / "tokenizer").eos_id
+    encoders = {}
+    for name, config, eos_id, seed in (("l", CLIP_L, 2, 0), ("g", CLIP_G, eos, 1)):
+        encoders[name] = reference_with_projection(config, eos_id)
+        encoders[name].load_state_dict(random_state(clip.CLIPTextEncoder(config), seed=seed))
+    encoders["t5"] = t5_reference(T5_CONFIG)
+    encoders["t5"].load_state_dict(random_state(t5.T5Encoder(T5_CONFIG), seed=2), strict=False)
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=WIDTH, caption_projection_dim=32,
+        pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=8,
+        qk_norm="rms_norm",
+    )  # fmt: skip
+    with torch.no_grad():
+        for key, p in transformer.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=encoders["l"].eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
+        text_encoder_2=encoders["g"].eval(),
+        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer_2")),
+        text_encoder_3=encoders["t5"].eval(),
+        tokenizer_3=transformers.T5TokenizerFast.from_pretrained(str(source / "tokenizer_3")),
+    )
+    folder = tmp_path_factory.mktemp("snap") / "tiny-sd3.5-turbo"
+    pipe.save_pretrained(folder)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # our tokenizers read the original files
+        shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+    return folder, pipe
+
+
+@pytest.fixture(scope="module")
+def ours(snapshot):
+    pipe = ConceptAttentionPipeline.from_pretrained(snapshot[0], device="cpu", dtype=torch.float32)
+    pipe.max_length = pipe.text.max_length = MAX_LENGTH
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.5], ids=["turbo", "cfg"])
+def test_generate_gives_diffusers_image(snapshot, ours, guidance):
+    _, reference = snapshot
+    prompt, height, width, steps = "a red cat on the grass", 64, 48, 3
+    result = ours.generate(prompt, ["cat", "grass"], height, width, steps, seed=7, guidance=guidance, progress=False)
+    expected = reference(
+        prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(7), output_type="np", max_sequence_length=MAX_LENGTH,
+    ).images[0]  # fmt: skip
+    ours_pixels = np.asarray(result.image, dtype=np.int32)
+    theirs = np.round(expected * 255).astype(np.int32)
+    diff = np.abs(ours_pixels - theirs).max()
+    print(f"guidance {guidance}: max pixel difference {diff} (of 255)")
+    assert diff <= 1
+    assert result.maps.shape == (2, height // 16, width // 16)
+    assert torch.allclose(result.maps.sum(0), torch.ones(height // 16, width // 16))  # softmax over concepts
+    assert result.record["family"] == "sd3" and result.record["guidance"] == guidance
+
+
+def test_defaults_family_and_explain(snapshot, ours):
+    assert isinstance(ours, SD3Pipeline)
+    assert (ours.num_steps, ours.guidance, ours.shift) == (4, 0.0, 3.0)  # "turbo" in the folder's name
+    image = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0))
+    result = ours.explain(image, ["cat", "sky", "grass"], "a cat", t=0.6, num_samples=2, progress=False,
+                          settings=Settings(layers=(1, 2)))  # fmt: skip
+    assert result.maps.shape == (3, 3, 4) and result.record["family"] == "sd3"
+    with pytest.raises(ValueError, match="3 joint blocks"):
+        ours.explain(image, ["cat", "sky"], settings=Settings(layers=(3,)), progress=False)
+    with pytest.raises(ValueError, match="guidance"):
+        ours.generate("x", ["a", "b"], 32, 32, 1, guidance=-1.0, progress=False)
