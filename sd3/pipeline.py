@@ -37,7 +37,7 @@ DEFAULTS = {"turbo": (4, 0.0), "large": (28, 3.5), "medium": (40, 4.5)}  # (step
 
 
 def variant(source: str, transformer: SD3) -> str:
-    """"medium" (MMDiT-X blocks), "turbo" (the name says so), else "large"."""
+    """ "medium" (MMDiT-X blocks), "turbo" (the name says so), else "large"."""
     if transformer.config.dual_attention_layers:
         return "medium"
     return "turbo" if "turbo" in Path(str(source)).name.lower() or "turbo" in str(source).lower() else "large"
@@ -121,7 +121,11 @@ class SD3Pipeline(ConceptPipeline):
             context, y = torch.cat((negative, tokens)), torch.cat((negative_pooled, pooled))
         else:
             context, y = self.text.encode_prompt(prompt)
-        return {"context": context.to(self.dtype), "y": y.to(self.dtype), "guidance": guidance if guidance > 1 else None}
+        return {
+            "context": context.to(self.dtype),
+            "y": y.to(self.dtype),
+            "guidance": guidance if guidance > 1 else None,
+        }
 
     def _explain_conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
         return self._conditioning(prompt, 0.0, height, width)
