@@ -7,6 +7,14 @@ Errors are `ValueError`s of one line that name the value and say what to do; war
 
 from __future__ import annotations
 
+import json
+import math
+import signal
+import sys
+import unicodedata
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 
@@ -55,10 +63,124 @@ def check_seed(seed, count: int = 1) -> int:
     return seed
 
 
-def check_t(t) -> float:
+def check_t(t, what: str = "t") -> float:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-        raise ValueError(f"t = {t!r}: the noise level must be a number in [0, 1]")
+        raise ValueError(f"{what} = {t!r}: the noise level must be a number in [0, 1]")
     return float(t)
+
+
+def check_flag(value, what: str) -> bool:
+    """True or False (also numpy's); "no", None or 2 would silently read as a choice."""
+    if isinstance(value, str) or value not in (True, False):
+        raise ValueError(f"{what} = {value!r}: give True or False")
+    return bool(value)
+
+
+def check_number(value, what: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} = {value!r}: give a finite number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{what} = {value!r}: give a number in [{low}, {high}]")
+    return float(value)
+
+
+def check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} = {value!r} is a {type(value).__name__}; give a string")
+    return value
+
+
+def concept_key(concept: str) -> str:
+    """What a concept reads as: NFKC (full-width letters as ASCII), invisible format characters (zero-width spaces and
+    joiners, soft hyphens) removed, runs of white space as one space. Two concepts with one key get one map."""
+    text = unicodedata.normalize("NFKC", concept)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join(text.split())
+
+
+# ---- model folders -------------------------------------------------------------------------------------------------
+MAX_RECIPE_STEPS = 1000
+
+
+def model_recipe(source) -> dict:
+    """A model folder's recipe.json (the built-in shapes model has one), checked where the pipeline reads it: "size"
+    a multiple of 16, "sample_steps" in 1..1000, "sample_shift" true, false or null. {} when there is none; a damaged
+    one is a ValueError that names the file (never a silent fall-back to FLUX.1's 1024 px and 4 steps)."""
+    path = Path(str(source)).expanduser() / "recipe.json"
+    if not path.is_file():
+        return {}
+    builtin = Path(__file__).resolve().parent / "shapes" / "weights"
+    fix = (
+        "restore it with git checkout -- shapes/weights/recipe.json"
+        if path.parent.resolve() == builtin
+        else "repair it, or remove it to use FLUX.1's defaults (1024 px, 4 steps)"
+    )
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} holds a {type(recipe).__name__}, not a JSON object; {fix}")
+    rules = {
+        "size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 16 == 0,
+        "sample_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RECIPE_STEPS,
+        "sample_shift": lambda v: v is None or isinstance(v, bool),
+    }
+    wanted = {"size": "a multiple of 16", "sample_steps": "a whole number from 1 to 1000",
+              "sample_shift": "true, false or null"}  # fmt: skip
+    for key, ok in rules.items():
+        if key in recipe and not ok(recipe[key]):
+            raise ValueError(f"{path}: {key} = {recipe[key]!r}, expected {wanted[key]}; {fix}")
+    return recipe
+
+
+def check_finite(module: torch.nn.Module, where: str, hint: str = "") -> None:
+    """Raise a ValueError naming the first parameter or buffer that holds NaN or an infinity (damaged weights would
+    otherwise run and fail only when the maps are drawn). One reduction per tensor, no copy: a sum is finite exactly
+    when every element is, short of an overflow that float32 sums of weights never reach."""
+    from weights.errors import CheckpointError
+
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        tensor = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # float8 has no sum
+        if not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values; the file is damaged. {hint}".strip())
+
+
+# ---- interruptions -------------------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that its clean-up runs (the temporary folder is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Inside: SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt), as Ctrl-C raises KeyboardInterrupt. For
+    a command's `__main__` block (signal handlers can only be set from the main thread)."""
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interrupted(stop: KeyboardInterrupt, cleanup: str = "nothing was written") -> int:
+    """One line on stderr for Ctrl-C or a termination signal; -> the shell's exit status (128 + the signal)."""
+    signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+    name = signal.Signals(signum).name if signum != signal.SIGINT else "Ctrl-C"
+    print(f"error: interrupted ({name}); {cleanup}", file=sys.stderr)
+    return 128 + int(signum)
 
 
 def unknown_ids(tokenizer) -> set[int]:
@@ -74,10 +196,16 @@ def unknown_ids(tokenizer) -> set[int]:
 def text_warnings(tokenizer, max_length: int, prompt: str, concepts: list[str], softmax: bool) -> list[str]:
     """What will work but probably not as meant: a prompt longer than the model's token limit, concepts made only of
     unknown pieces (they all get the same map), and a single concept under the softmax over concepts (a constant 1)."""
+    check_text(prompt, "prompt")
     notes = []
     pieces = len(tokenizer.encode(prompt)) if prompt else 0
     if pieces > max_length:
         notes.append(f"the prompt is {pieces} T5 tokens with its end token; only the first {max_length} are used")
+    for concept in concepts:
+        pieces = len(tokenizer.encode(concept))
+        if pieces > max_length:
+            notes.append(f"the concept {concept[:40]!r} is {pieces} T5 tokens with its end token; only the first "
+                         f"{max_length} are used")  # fmt: skip
     unk = unknown_ids(tokenizer)
     unknown = [c for c in concepts if set(tokenizer.encode(c)[:-1]) <= unk and set(tokenizer.encode(c)[:-1]) & unk]
     if unknown:

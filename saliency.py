@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import imaging
+from checks import check_flag, check_number, concept_key
 from mmdit import ConceptSaliency
 
 SPACES = ("output", "attention", "value", "cross_attention")
@@ -112,13 +113,20 @@ def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
     concepts = [c.strip() for c in concepts]
     if not concepts:
         raise ValueError("no concepts given; name at least one, e.g. --concepts cat sky")
-    if any(not c for c in concepts):
-        raise ValueError("a concept is empty or blank; every concept needs at least one character")
-    seen = set()
+    if any(not concept_key(c) for c in concepts):
+        raise ValueError("a concept is empty, blank or invisible; every concept needs at least one visible character")
+    seen: dict[str, str] = {}
     for c in concepts:
-        if c in seen:
-            raise ValueError(f"duplicate concept {c!r}; each concept must appear once")
-        seen.add(c)
+        key = concept_key(c)  # "cat" with a zero-width space, or in full-width letters, reads as "cat"
+        if key in seen:
+            same = (
+                ""
+                if seen[key] == c
+                else f" (the same as {seen[key]!r} once invisible and full-width characters "
+                "are read as the model reads them)"
+            )
+            raise ValueError(f"duplicate concept {c!r}{same}; each concept must appear once")
+        seen[key] = c
     return concepts
 
 
@@ -150,7 +158,7 @@ class MapCollector:
 
     def __init__(self, settings: Settings, layers: tuple[int, ...], owner: Tensor, num_concepts: int, keep_grid: bool):
         self.settings, self.layers, self.owner, self.num_concepts = settings, layers, owner, num_concepts
-        self.keep_grid = keep_grid
+        self.keep_grid = check_flag(keep_grid, "keep_grid")
         self.spaces = SPACES if keep_grid else (settings.space,)
         self.rows: dict[tuple[str, bool], list[Tensor]] = {}  # per (space, softmax): one [L, C, N] per step
         self.total: Tensor | None = None
@@ -196,7 +204,7 @@ class ConceptResult:
         if self.grid is None:
             raise ValueError("select() needs the per-layer grid: call generate/explain with keep_grid=True")
         space = self.settings.space if space is None else space
-        softmax = self.settings.softmax if softmax is None else softmax
+        softmax = self.settings.softmax if softmax is None else check_flag(softmax, "softmax")
         key = f"{space}{'+softmax' if softmax else ''}"
         if key not in self.grid:
             raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
@@ -220,6 +228,14 @@ class ConceptResult:
     def upsample(self, size: tuple[int, int] | None = None, mode: str = "bilinear") -> Tensor:
         """Maps resized to `size` (default: the image's (H, W)): [C, H, W]."""
         size = size or (self.image.height, self.image.width)
+        if (
+            not isinstance(size, (tuple, list))
+            or len(size) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+        ):
+            raise ValueError(f"size = {size!r}: give (height, width), two positive whole numbers")
+        if mode not in ("bilinear", "nearest", "bicubic"):
+            raise ValueError(f"mode = {mode!r}: choose bilinear, nearest or bicubic")
         kwargs = {} if mode == "nearest" else {"align_corners": False}
         return F.interpolate(self.maps[None], size=size, mode=mode, **kwargs)[0]
 
@@ -227,8 +243,9 @@ class ConceptResult:
         """Boolean masks [C, H, W]: "mean" keeps pixels above each map's mean, "argmax" gives each pixel to its best
         concept."""
         maps = self.upsample(size)
-        if rule == "mean":
-            return maps > maps.mean(dim=(1, 2), keepdim=True)
+        if rule == "mean":  # a constant map (one token: --size 16) has no pixel above its mean; its upsampled copy
+            constant = self.maps.amax(dim=(1, 2)) == self.maps.amin(dim=(1, 2))  # varies in the last bit
+            return (maps > maps.mean(dim=(1, 2), keepdim=True)) & ~constant[:, None, None]
         if rule == "argmax":
             return F.one_hot(maps.argmax(0), len(self.concepts)).permute(2, 0, 1).bool()
         raise ValueError(f"mask rule {rule!r}; choose 'mean' or 'argmax'")
@@ -239,6 +256,7 @@ class ConceptResult:
 
     def overlay(self, alpha: float = 0.55) -> Image.Image:
         """The image and each concept's map over it, captioned, in one grid."""
+        alpha = check_number(alpha, "alpha", 0.0, 1.0)
         tiles = [self.image] + [imaging.blend(self.image, h, alpha) for h in self.heatmaps()]
         return imaging.captioned_grid(tiles, ["image", *self.concepts])
 
@@ -377,6 +395,8 @@ class OutputFolder:
     here, not after the model has run."""
 
     def __init__(self, out: str | Path, concepts: list[str], inputs: tuple[str | Path, ...] = ()):
+        if not isinstance(out, (str, os.PathLike)):
+            raise ValueError(f"the output folder {out!r} is a {type(out).__name__}; give a path")
         if not str(out).strip():
             raise ValueError("the output folder name is empty; give a folder, e.g. --out out/cat")
         self.out = Path(out).expanduser().resolve()  # a symlink is followed: its target is written

@@ -312,3 +312,49 @@ def test_an_unreadable_result_folder_is_refused_in_one_line(tmp_path):
     finally:
         (out / "masks").chmod(0o755)
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["00_cat.png"]
+
+
+def test_concepts_that_read_the_same_are_duplicates():
+    pairs = (["cat", "ca\u200bt"], ["cat", "\uff43\uff41\uff54"], ["black cat", "black  cat"], ["cat", "cat\u00ad"])
+    for concepts in pairs:
+        with pytest.raises(ValueError, match="duplicate concept") as err:
+            check_concepts(concepts)
+        assert one_line(err.value)
+    with pytest.raises(ValueError, match="invisible"):
+        check_concepts(["cat", "\u200b\u200d"])
+    assert check_concepts(["Cat", "cat"]) == ["Cat", "cat"]  # T5 is case-sensitive: two maps
+
+
+def test_a_concept_beyond_the_token_limit_is_warned_about_as_a_prompt_is():
+    tok = FakeTokenizer(["a", "cat"])
+    notes = text_warnings(tok, 4, "a cat", ["cat", "a cat a cat a cat"], softmax=True)
+    assert len(notes) == 1 and "'a cat a cat a cat' is 7 T5 tokens" in notes[0] and "only the first 4" in notes[0]
+
+
+def test_api_arguments_of_the_wrong_type_are_value_errors():
+    from checks import check_number
+
+    tok = FakeTokenizer(["a", "cat"])
+    for prompt in (5, None, ["a cat"]):
+        with pytest.raises(ValueError, match="prompt"):
+            text_warnings(tok, 8, prompt, ["cat", "sky"], softmax=True)
+    result = fake_result(["cat", "sky"])
+    result.grid = {"output+softmax": torch.rand(1, 1, 2, 4), "output": torch.rand(1, 1, 2, 4)}
+    result.layers = (0,)
+    calls = [
+        lambda: result.select(softmax="no"),  # was read as True
+        lambda: result.select(softmax=None, space=5),
+        lambda: result.upsample((0, 0)),
+        lambda: result.upsample("big"),
+        lambda: result.masks(size=(16,)),
+        lambda: result.overlay(alpha="x"),
+        lambda: result.overlay(alpha=float("nan")),
+        lambda: result.save(5),
+        lambda: result.save(None),
+        lambda: saliency.MapCollector(Settings(), (0,), torch.zeros(2, dtype=torch.long), 2, keep_grid="no"),
+        lambda: check_number(float("inf"), "guidance"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert one_line(err.value)
