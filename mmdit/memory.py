@@ -109,10 +109,11 @@ class FP8Linear(nn.Module):
 
 
 def to_fp8(flux: Flux, device=None) -> Flux:
-    """Replace, in place, every nn.Linear of the double and single blocks by an `FP8Linear`. Block by block: each is
-    first moved to `device` (if given; quantising there is fast on a GPU), and a layer's bf16 weight is freed as soon
-    as its fp8 copy exists, so memory holds at most one bf16 block beyond the result. Returns `flux`."""
-    for blocks in (flux.double_blocks, flux.single_blocks):
+    """Replace, in place, every nn.Linear of the blocks (`block_lists`: Flux's double and single blocks, SD3's joint
+    blocks) by an `FP8Linear`. Block by block: each is first moved to `device` (if given; quantising there is fast on a
+    GPU), and a layer's bf16 weight is freed as soon as its fp8 copy exists, so memory holds at most one bf16 block
+    beyond the result. Returns `flux`."""
+    for blocks in (getattr(flux, name) for name in flux.block_lists):
         for block in blocks:
             if device is not None:
                 block.to(device)
@@ -153,7 +154,9 @@ class BlockStreamer:
     def add(self, block: nn.Module) -> int:
         """Take a host copy of `block` (pinned when the slots are on CUDA: page-locked memory is what lets a copy run
         asynchronously); the first block of a kind also gives that kind its two device slots. Returns its index."""
-        kind = type(block)
+        # blocks of one kind share slots: the same class and the same tensor shapes (SD3's last block and SD3.5
+        # Medium's blocks with a second attention are kinds of their own)
+        kind = (type(block), tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
         if kind not in self.first_slot:
             self.first_slot[kind] = len(self.slots)
             for _ in range(2):
@@ -234,8 +237,8 @@ def stream_blocks(flux: Flux, device) -> BlockStreamer:
     after loading it, for inference.
     """
     streamer = BlockStreamer(device)
-    stream_module_list(flux.double_blocks, streamer, "double")
-    stream_module_list(flux.single_blocks, streamer, "single")
+    for name in flux.block_lists:  # Flux: double_blocks, single_blocks; SD3: joint_blocks
+        stream_module_list(getattr(flux, name), streamer, name.removesuffix("_blocks"))
     flux.to(streamer.device)
     return streamer
 

@@ -161,6 +161,8 @@ class FluxOutput:
 class Flux(nn.Module):
     """Flux.1 MM-DiT: `depth` double-stream blocks, then `depth_single_blocks` single-stream blocks."""
 
+    block_lists = ("double_blocks", "single_blocks")  # what the memory modes stream or store in fp8
+
     def __init__(self, config: FluxConfig):
         super().__init__()
         self.config = config

@@ -106,3 +106,42 @@ def test_defaults_family_and_explain(snapshot, ours):
         ours.explain(image, ["cat", "sky"], settings=Settings(layers=(3,)), progress=False)
     with pytest.raises(ValueError, match="guidance"):
         ours.generate("x", ["a", "b"], 32, 32, 1, guidance=-1.0, progress=False)
+
+
+def test_command_line(snapshot, tmp_path, capsys):
+    """`generate` and `explain` on an SD3.5 snapshot write the result; a layer beyond the model's joint blocks is
+    refused before any weights load, naming them."""
+    import json
+
+    from PIL import Image
+
+    from concept_attention import main
+
+    folder = snapshot[0]
+    common = ["--model", str(folder), "--concepts", "cat", "grass", "--device", "cpu", "--size", "32"]
+    assert main(["generate", "--prompt", "a cat", "--num-steps", "2", "--out", str(tmp_path / "g"), *common]) == 0
+    settings = json.loads((tmp_path / "g" / "settings.json").read_text())
+    assert settings["family"] == "sd3" and settings["num_steps"] == 2
+    Image.new("RGB", (40, 24), "red").save(tmp_path / "in.png")
+    explain = ["explain", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "e"), *common]
+    assert main(explain) == 0 and (tmp_path / "e" / "overlay.png").is_file()
+    assert main([*explain[:4], str(tmp_path / "f"), *common, "--layers", "3"]) == 2
+    assert "3 joint blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory", ["stream", "fp8", "offload"])
+def test_memory_modes(snapshot, ours, memory):
+    """Streamed joint blocks (SD3's last block and Medium's MMDiT-X blocks are slot kinds of their own) give the
+    resident model's maps; offload only moves the text encoders; fp8 weights move the maps a little."""
+    pipe = ConceptAttentionPipeline.from_pretrained(snapshot[0], device="cpu", dtype=torch.float32, memory=memory)
+    pipe.max_length = pipe.text.max_length = MAX_LENGTH
+    args = ("a red cat on the grass", ["cat", "grass"], 64, 48, 2)
+    got = pipe.generate(*args, seed=3, guidance=2.0, progress=False)
+    want = ours.generate(*args, seed=3, guidance=2.0, progress=False)
+    err = (got.maps - want.maps).abs().max().item()
+    print(f"{memory}: maps max abs difference {err:.3g}")
+    if memory == "fp8":
+        assert torch.corrcoef(torch.stack((got.maps.flatten(), want.maps.flatten())))[0, 1] > 0.9
+    else:
+        assert err <= 1e-5
+        assert np.abs(np.asarray(got.image, dtype=int) - np.asarray(want.image, dtype=int)).max() <= 1
