@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -40,7 +39,17 @@ from PIL import Image
 from torch import Tensor
 
 import imaging
-from checks import InputWarning, check_count, check_device, check_seed, check_t, text_warnings
+from checks import (
+    InputWarning,
+    check_count,
+    check_device,
+    check_seed,
+    check_t,
+    interrupted,
+    model_recipe,
+    terminate_as_interrupt,
+    text_warnings,
+)
 from mmdit import ConceptInput, Flux
 from mmdit.memory import MEMORY_MODES, prepare_flux, prepare_t5
 from saliency import (
@@ -53,6 +62,7 @@ from saliency import (
     OutputFolder,
     Settings,
     check_concepts,
+    family_settings,
 )
 from sampling import check_size, denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 
@@ -75,28 +85,210 @@ EXPLAIN_GUIDANCE = 3.5
 
 
 def native_size(source: str | Path) -> int:
-    """The long side a model was trained at: a folder's recipe.json "size" (the built-in model: 128), else 1024."""
-    recipe = Path(source) / "recipe.json"
-    try:
-        return int(json.loads(recipe.read_text())["size"]) if recipe.is_file() else NATIVE_SIZE
-    except (ValueError, KeyError, TypeError):
-        return NATIVE_SIZE
+    """The long side a model was trained at: a folder's recipe.json "size" (the built-in model: 128), else 1024.
+    A damaged recipe.json is a ValueError that names it (`checks.model_recipe`)."""
+    return model_recipe(source).get("size", NATIVE_SIZE)
 
 
 def sampling_defaults(source: str | Path) -> tuple[int, bool | None]:
     """The sampling steps and schedule shift a model's recipe.json asks for (`sample_steps`, `sample_shift`; the
     built-in model: 50 Euler steps, unshifted); else (4, None): schnell's 4 steps, shifted only for a guidance-distilled
     (dev) transformer."""
-    recipe = Path(source) / "recipe.json"
-    try:
-        saved = json.loads(recipe.read_text()) if recipe.is_file() else {}
-        return int(saved.get("sample_steps", 4)), saved.get("sample_shift")
-    except (ValueError, TypeError, AttributeError):
-        return 4, None
+    recipe = model_recipe(source)
+    return recipe.get("sample_steps", 4), recipe.get("sample_shift")
 
 
-class ConceptAttentionPipeline:
+class ConceptPipeline:
+    """The method, written once for every model family: concept encoding, the sampling loop, the noised forward of
+    `explain`, the reduction of the per-layer saliency to maps. A family (Flux here, SD3.5 in `sd3.pipeline`)
+    answers the hooks: its prompt conditioning, starting latents, schedule, one velocity with concepts, the saliency
+    of one noised forward, its autoencoder's encode/decode, its depth and size limits.
+
+    Every family has `self.t5` / `self.t5_tokenizer` / `self.max_length` (concepts are T5-encoded by default), the
+    run `self.device` / `self.dtype`, `self.source`, `self.native_size` (the long side explain resizes to) and
+    `self.num_steps` (the default number of sampling steps).
+    """
+
+    family = "?"
+    block_kind = "blocks"  # how the family calls the blocks `layers` index, for messages
+    offload = False
+
+    # ---- text ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _text(self, module, ids: Tensor):
+        module.to(self.device)
+        out = module(ids.to(self.device))
+        if self.offload:
+            module.to("cpu")
+        return out
+
+    def encode_concepts(self, concepts: list[str], token_rule: str) -> tuple[Tensor, Tensor]:
+        """Each concept encoded by T5 on its own, as a prompt is; -> tokens [1, C', D] and owner [C'] (the concept each
+        token belongs to). "first": position 0 (the official rule); "mean": the mean over the concept's pieces (EOS
+        excluded); "pieces": every piece its own token."""
+        hidden = self._text(self.t5, self.t5_tokenizer(concepts, max_length=self.max_length)).to(self.dtype)
+        rows, owner = [], []
+        for c, concept in enumerate(concepts):
+            n = min(max(len(self.t5_tokenizer.encode(concept)) - 1, 1), self.max_length - 1)  # pieces without EOS
+            if token_rule == "first":
+                rows.append(hidden[c, :1])
+            elif token_rule == "mean":
+                rows.append(hidden[c, :n].mean(0, keepdim=True))
+            else:
+                rows.append(hidden[c, :n])
+            owner += [c] * rows[-1].shape[0]
+        return torch.cat(rows)[None], torch.tensor(owner, device="cpu")
+
+    # ---- maps ----------------------------------------------------------------------------------------------------
+    def _layers(self, settings: Settings, keep_grid: bool) -> tuple[int, ...]:
+        depth = self.depth
+        if settings.layers is not None and max(settings.layers) >= depth:
+            raise ValueError(
+                f"layers {list(settings.layers)}: this model has {depth} {self.block_kind} (0..{depth - 1})"
+            )
+        return tuple(range(depth)) if keep_grid or settings.layers is None else settings.layers
+
+    def _concept_input(self, tokens: Tensor, settings: Settings, layers, keep_grid: bool) -> ConceptInput:
+        spaces = SPACES if keep_grid else (settings.space,)
+        return ConceptInput(
+            txt=tokens, target=settings.target, spaces=spaces, layers=layers, normalize=settings.normalize
+        )
+
+    def _result(self, image, concepts, collector: MapCollector, height, width, settings, record) -> ConceptResult:
+        h, w = height // 16, width // 16
+        grid = collector.grid() if collector.keep_grid else None
+        result = ConceptResult(
+            image, concepts, torch.zeros(len(concepts), h, w), settings, record, collector.layers, grid
+        )
+        if grid is not None:
+            result.maps = result.select()
+        else:
+            result.maps = rearrange(collector.total / collector.count, "c (h w) -> c h w", h=h, w=w)
+        return result
+
+    def _warn(self, prompt: str, concepts: list[str], settings: Settings) -> None:
+        for note in text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax):
+            warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
+
+    def _prepare(self, prompt, concepts, settings, keep_grid):
+        """Checks, warnings, concept tokens and the collector shared by generate and explain."""
+        layers = self._layers(settings, keep_grid)
+        self._warn(prompt, concepts, settings)
+        tokens, owner = self.encode_concepts(concepts, settings.token_rule)
+        collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
+        return collector, self._concept_input(tokens, settings, layers, keep_grid)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, concepts: list[str], height: int | None = None, width: int | None = None,
+                 num_steps: int | None = None, seed: int = 0, settings: Settings = Settings(),
+                 keep_grid: bool = False, guidance: float | None = None,
+                 progress: bool = True) -> ConceptResult:  # fmt: skip
+        """Sample an image exactly as the model does (the concepts never change it) and collect the concept maps.
+        `height`, `width` None: the model's native size (1024 for FLUX.1 and SD3.5, 128 for the built-in model).
+        `num_steps` None: the model's own default (`self.num_steps`). `guidance` None: the model's own
+        (`self.guidance`): FLUX.1-dev's distilled guidance, SD3.5's classifier-free guidance scale."""
+        height = self.native_size if height is None else height
+        width = self.native_size if width is None else width
+        num_steps = self.num_steps if num_steps is None else num_steps
+        guidance = self.guidance if guidance is None else guidance
+        concepts = check_concepts(concepts)
+        settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
+        check_size(height, width)
+        check_count(num_steps, "num_steps", 1, MAX_STEPS)
+        check_seed(seed)
+        check_guidance(guidance)
+        if settings.steps is not None and max(settings.steps) >= num_steps:
+            raise ValueError(f"steps {list(settings.steps)}: there are only {num_steps} sampling steps")
+        self._check_memory(height, width)
+        collector, concept_input = self._prepare(prompt, concepts, settings, keep_grid)
+        cond = self._conditioning(prompt, guidance, height, width)
+        latents = self._initial_latents(height, width, seed)
+        timesteps = self._timesteps(num_steps, latents)
+        step = 0
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            nonlocal step
+            wanted = collector.wants(step)
+            out, saliency = self._velocity(x, t, cond, concept_input if wanted else None)
+            step += 1
+            if wanted:
+                collector.add(saliency)
+            return out
+
+        latents = denoise(velocity, latents, timesteps, progress=progress)
+        image = self._decode(latents, height, width)
+        record = {"mode": "generate", "model": self.source, "family": self.family, "prompt": prompt,
+                  "height": height, "width": width, "num_steps": num_steps, "seed": seed,
+                  "guidance": float(guidance), "timesteps": timesteps}  # fmt: skip
+        return self._result(image, concepts, collector, height, width, settings, record)
+
+    @torch.no_grad()
+    def explain(self, image, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
+                seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False,
+                size: tuple[int, int] | None = None, progress: bool = True,
+                guidance: float | None = None) -> ConceptResult:  # fmt: skip
+        """Maps for a given image: autoencoder mean, noise at t (seeds seed..seed+num_samples-1), one forward per
+        sample that stops after the last block that reports, averaged.
+
+        `image`: a file path, a PIL image (any mode; alpha over white) or a float tensor [3, H, W] with values in [0, 1]
+        (others are refused, not clamped). Without `size` it is resized by `imaging.auto_size` (long side at most the
+        model's native size, multiples of 16); `record["input_size"]` keeps its own size. `guidance` feeds models with a
+        guidance embedding (FLUX.1-dev, default 3.5; the official code feeds 0); other models ignore it."""
+        concepts = check_concepts(concepts)
+        settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
+        t = check_t(t)
+        check_count(num_samples, "num_samples", 1)
+        check_seed(seed, num_samples)
+        guidance = EXPLAIN_GUIDANCE if guidance is None else guidance
+        check_guidance(guidance)
+        if isinstance(image, (str, Path)):
+            pil = imaging.load_image(image)
+        elif isinstance(image, Tensor):
+            pil = imaging.tensor_to_image(image)
+        elif isinstance(image, Image.Image):
+            pil = imaging.to_rgb(image)
+        else:
+            raise ValueError(f"image must be a PIL image, a path or a [3, H, W] tensor, got {type(image).__name__}")
+        input_size = (pil.height, pil.width)
+        size_rule = "given"
+        if size is None:
+            size = imaging.auto_size(*input_size, self.native_size)
+            size_rule = f"auto: long side at most {self.native_size}, multiples of 16"
+        check_size(*size)
+        if size != input_size:
+            pil = pil.resize((size[1], size[0]), Image.BICUBIC)
+        height, width = pil.height, pil.width
+        if settings.steps is not None and max(settings.steps) >= num_samples:
+            raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
+        self._check_memory(height, width)
+        collector, concept_input = self._prepare(prompt, concepts, settings, keep_grid)
+        cond = self._explain_conditioning(prompt, guidance, height, width)
+        z = self._encode(pil)
+        samples = range(num_samples)
+        if progress:
+            from tqdm.auto import tqdm
+
+            samples = tqdm(samples, desc="explain", unit="sample")
+        for i in samples:
+            noise = self._initial_latents(height, width, seed + i)
+            x_t = t * noise + (1 - t) * z
+            if collector.wants(i):
+                collector.add(self._explain_saliency(x_t, t, cond, concept_input))
+        record = {"mode": "explain", "model": self.source, "family": self.family, "prompt": prompt,
+                  "height": height, "width": width, "input_size": list(input_size), "size_rule": size_rule, "t": t,
+                  "num_samples": num_samples, "seed": seed,
+                  "guidance": float(guidance) if self._uses_explain_guidance else None}  # fmt: skip
+        return self._result(pil, concepts, collector, height, width, settings, record)
+
+
+def check_guidance(guidance) -> None:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 100:
+        raise ValueError(f"guidance must be a number in [0, 100], got {guidance!r}")
+
+
+class ConceptAttentionPipeline(ConceptPipeline):
     """Flux + its autoencoder and text encoders, with ConceptAttention maps collected during the same forwards.
+    `from_pretrained` reads the family from the checkpoint and returns the SD3.5 pipeline for SD3.5 checkpoints.
 
     `clip` may be None (the pooled vector is then zero, as in the built-in shapes model). The modules are used in the
     dtype they were loaded in; `dtype` is that of the inputs (default: the transformer's). `memory` (one of
@@ -106,6 +298,9 @@ class ConceptAttentionPipeline:
     transformer's block weights in float8 (`mmdit.memory.to_fp8`) and streams T5's. `offload=True` is the older
     spelling of memory="offload".
     """
+
+    family = "flux"
+    block_kind = "double blocks"
 
     def __init__(self, flux: Flux, autoencoder, t5, t5_tokenizer, clip=None, clip_tokenizer=None, device=None,
                  dtype=None, offload: bool = False, max_length: int = 256, source: str = "custom",
@@ -122,16 +317,22 @@ class ConceptAttentionPipeline:
         self.max_length, self.source = max_length, source
         self.native_size = native_size  # the long side explain() resizes to when not told a size
         self.num_steps, self.schedule_shift = sampling_defaults(source) if source else (4, None)
+        self.guidance = 3.5  # FLUX.1-dev's distilled guidance (schnell has no guidance embedding)
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, device=None, dtype=None, offload: bool = False,
                         memory: str = "full"):  # fmt: skip
         """Load every component from a hub repo id, a local snapshot folder, or "shapes" (the built-in model).
-        With memory "stream" or "fp8" the transformer is read into host memory and prepared there block by block."""
+        With memory "stream" or "fp8" the transformer is read into host memory and prepared there block by block.
+        An SD3.5 checkpoint (read from its files) gives an `sd3.pipeline.SD3Pipeline`."""
         import weights
 
         if str(source) == "shapes":
             source = BUILTIN_MODEL
+        if weights.family(source) == "sd3":
+            from sd3.pipeline import SD3Pipeline
+
+            return SD3Pipeline.from_pretrained(source, device, dtype, offload, memory)
         device = check_device(device)
         memory = memory_mode(memory, offload)
         text_device = "cpu" if memory != "full" else device
@@ -154,14 +355,9 @@ class ConceptAttentionPipeline:
         return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,
                    source=str(source), memory=memory, native_size=native_size(source))  # fmt: skip
 
-    # ---- text ----------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _text(self, module, ids: Tensor):
-        module.to(self.device)
-        out = module(ids.to(self.device))
-        if self.offload:
-            module.to("cpu")
-        return out
+    @property
+    def depth(self) -> int:
+        return len(self.flux.double_blocks)
 
     def encode_prompt(self, prompt: str, pooled: bool = True) -> tuple[Tensor, Tensor]:
         """T5 tokens [1, L, D] and the pooled vector [1, vec_in_dim] (CLIP's, or zeros without CLIP or pooled=False)."""
@@ -171,170 +367,53 @@ class ConceptAttentionPipeline:
             y = self._text(self.clip, self.clip_tokenizer([prompt]))[1].to(self.dtype)
         return txt, y
 
-    def encode_concepts(self, concepts: list[str], token_rule: str) -> tuple[Tensor, Tensor]:
-        """Each concept encoded by T5 on its own, as a prompt is; -> tokens [1, C', D] and owner [C'] (the concept each
-        token belongs to). "first": position 0 (the official rule); "mean": the mean over the concept's pieces (EOS
-        excluded); "pieces": every piece its own token."""
-        hidden = self._text(self.t5, self.t5_tokenizer(concepts, max_length=self.max_length)).to(self.dtype)
-        rows, owner = [], []
-        for c, concept in enumerate(concepts):
-            n = min(max(len(self.t5_tokenizer.encode(concept)) - 1, 1), self.max_length - 1)  # pieces without EOS
-            if token_rule == "first":
-                rows.append(hidden[c, :1])
-            elif token_rule == "mean":
-                rows.append(hidden[c, :n].mean(0, keepdim=True))
-            else:
-                rows.append(hidden[c, :n])
-            owner += [c] * rows[-1].shape[0]
-        return torch.cat(rows)[None], torch.tensor(owner, device="cpu")
-
-    # ---- maps ----------------------------------------------------------------------------------------------------
-    def _layers(self, settings: Settings, keep_grid: bool) -> tuple[int, ...]:
-        depth = len(self.flux.double_blocks)
-        if settings.layers is not None and max(settings.layers) >= depth:
-            raise ValueError(f"layers {list(settings.layers)}: this model has {depth} double blocks (0..{depth - 1})")
-        return tuple(range(depth)) if keep_grid or settings.layers is None else settings.layers
-
-    def _concept_input(self, tokens: Tensor, settings: Settings, layers, keep_grid: bool) -> ConceptInput:
-        spaces = SPACES if keep_grid else (settings.space,)
-        return ConceptInput(
-            txt=tokens, target=settings.target, spaces=spaces, layers=layers, normalize=settings.normalize
-        )
-
-    def _result(self, image, concepts, collector: MapCollector, height, width, settings, record) -> ConceptResult:
-        h, w = height // 16, width // 16
-        grid = collector.grid() if collector.keep_grid else None
-        result = ConceptResult(
-            image, concepts, torch.zeros(len(concepts), h, w), settings, record, collector.layers, grid
-        )
-        if grid is not None:
-            result.maps = result.select()
-        else:
-            result.maps = rearrange(collector.total / collector.count, "c (h w) -> c h w", h=h, w=w)
-        return result
-
-    @torch.no_grad()
-    def generate(self, prompt: str, concepts: list[str], height: int = 1024, width: int = 1024,
-                 num_steps: int | None = None,
-                 seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False, guidance: float = 3.5,
-                 progress: bool = True) -> ConceptResult:  # fmt: skip
-        """Sample an image exactly as Flux does (the concepts never change it) and collect the concept maps.
-        `num_steps` None: the model's own default (`self.num_steps`: 4 for schnell, its recipe's for a shapes model)."""
-        num_steps = self.num_steps if num_steps is None else num_steps
-        concepts = check_concepts(concepts)
-        check_size(height, width)
-        check_count(num_steps, "num_steps", 1, MAX_STEPS)
-        check_seed(seed)
-        if settings.steps is not None and max(settings.steps) >= num_steps:
-            raise ValueError(f"steps {list(settings.steps)}: there are only {num_steps} sampling steps")
-        self._check_memory(height, width)
-        layers = self._layers(settings, keep_grid)
-        self._warn(prompt, concepts, settings)
-        txt, y = self.encode_prompt(prompt)
-        tokens, owner = self.encode_concepts(concepts, settings.token_rule)
-        collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
-        concept_input = self._concept_input(tokens, settings, layers, keep_grid)
-        img = pack(get_noise(1, height, width, seed, self.device, self.dtype))  # (1, N, 64)
-        ids, tids = image_ids(1, height, width).to(self.device), text_ids(1, txt.shape[1]).to(self.device)
-        shift = self.flux.config.guidance_embed if self.schedule_shift is None else self.schedule_shift
-        timesteps = get_schedule(num_steps, img.shape[1], shift=shift)
-        g = (
-            torch.full((1,), guidance, device=self.device, dtype=self.dtype)
-            if self.flux.config.guidance_embed
-            else None
-        )
-        step = 0
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            nonlocal step
-            wanted = collector.wants(step)
-            out = self.flux(x, ids, txt, tids, t.to(self.dtype), y, g, concepts=concept_input if wanted else None)
-            step += 1
-            if not wanted:
-                return out
-            collector.add(out.saliency)
-            return out.velocity
-
-        img = denoise(velocity, img, timesteps, progress=progress)
-        z = unpack(img.float(), height, width).to(next(self.autoencoder.parameters()).dtype)
-        image = imaging.to_pil(self.autoencoder.decode(z)[0])
-        record = {"mode": "generate", "model": self.source, "prompt": prompt, "height": height, "width": width,
-                  "num_steps": num_steps, "seed": seed, "timesteps": timesteps}  # fmt: skip
-        return self._result(image, concepts, collector, height, width, settings, record)
-
+    # ---- the family's hooks ----------------------------------------------------------------------------------------
     def _check_memory(self, height: int, width: int) -> None:
         cfg = self.autoencoder.config
         imaging.check_memory(height, width, self.device, self.dtype, cfg.ch * cfg.ch_mult[0],
                              self.flux.config.hidden_size, self.max_length)  # fmt: skip
 
-    def _warn(self, prompt: str, concepts: list[str], settings: Settings) -> None:
-        for note in text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax):
-            warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
+    def _conditioning(self, prompt: str, guidance: float, height: int, width: int, pooled: bool = True) -> dict:
+        """T5 tokens, pooled vector, position ids of text and image, and the guidance input (FLUX.1-dev)."""
+        txt, y = self.encode_prompt(prompt, pooled)
+        g = torch.full((1,), float(guidance), device=self.device, dtype=self.dtype)
+        return {"txt": txt, "y": y, "tids": text_ids(1, txt.shape[1]).to(self.device),
+                "ids": image_ids(1, height, width).to(self.device),
+                "g": g if self.flux.config.guidance_embed else None}  # fmt: skip
 
-    @torch.no_grad()
-    def explain(self, image, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
-                seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False,
-                size: tuple[int, int] | None = None, progress: bool = True,
-                guidance: float = EXPLAIN_GUIDANCE) -> ConceptResult:  # fmt: skip
-        """Maps for a given image: autoencoder mean, noise at t (seeds seed..seed+num_samples-1), one forward that stops
-        after the double blocks per sample, with the zero pooled vector (as the official code), averaged.
+    def _explain_conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
+        return self._conditioning(prompt, guidance, height, width, pooled=False)  # zero pooled, as the official code
 
-        `image`: a file path, a PIL image (any mode; alpha over white) or a float tensor [3, H, W] with values in [0, 1]
-        (others are refused, not clamped). Without `size` it is resized by `imaging.auto_size` (long side at most the
-        model's native size, multiples of 16); `record["input_size"]` keeps its own size. `guidance` feeds models with a
-        guidance embedding (FLUX.1-dev); FLUX.1-schnell has none and ignores it."""
-        concepts = check_concepts(concepts)
-        t = check_t(t)
-        check_count(num_samples, "num_samples", 1)
-        check_seed(seed, num_samples)
-        if isinstance(image, (str, Path)):
-            pil = imaging.load_image(image)
-        elif isinstance(image, Tensor):
-            pil = imaging.tensor_to_image(image)
-        elif isinstance(image, Image.Image):
-            pil = imaging.to_rgb(image)
-        else:
-            raise ValueError(f"image must be a PIL image, a path or a [3, H, W] tensor, got {type(image).__name__}")
-        input_size = (pil.height, pil.width)
-        size_rule = "given"
-        if size is None:
-            size = imaging.auto_size(*input_size, self.native_size)
-            size_rule = f"auto: long side at most {self.native_size}, multiples of 16"
-        check_size(*size)
-        if size != input_size:
-            pil = pil.resize((size[1], size[0]), Image.BICUBIC)
-        height, width = pil.height, pil.width
-        if settings.steps is not None and max(settings.steps) >= num_samples:
-            raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
-        self._check_memory(height, width)
-        layers = self._layers(settings, keep_grid)
-        self._warn(prompt, concepts, settings)
-        txt, y = self.encode_prompt(prompt, pooled=False)
-        tokens, owner = self.encode_concepts(concepts, settings.token_rule)
-        collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
-        concept_input = self._concept_input(tokens, settings, layers, keep_grid)
+    @property
+    def _uses_explain_guidance(self) -> bool:
+        return self.flux.config.guidance_embed
+
+    def _initial_latents(self, height: int, width: int, seed: int) -> Tensor:
+        return pack(get_noise(1, height, width, seed, self.device, self.dtype))  # (1, N, 64)
+
+    def _timesteps(self, num_steps: int, latents: Tensor) -> list[float]:
+        shift = self.flux.config.guidance_embed if self.schedule_shift is None else self.schedule_shift
+        return get_schedule(num_steps, latents.shape[1], shift=shift)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict, concepts: ConceptInput | None):
+        txt, y = cond["txt"], cond["y"]
+        out = self.flux(x, cond["ids"], txt, cond["tids"], t.to(self.dtype), y, cond["g"], concepts=concepts)
+        return (out, None) if concepts is None else (out.velocity, out.saliency)
+
+    def _explain_saliency(self, x_t: Tensor, t: float, cond: dict, concepts: ConceptInput) -> dict:
+        t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
+        out = self.flux(x_t, cond["ids"], cond["txt"], cond["tids"], t_vec, cond["y"], cond["g"], concepts=concepts,
+                        stop_after_double=True)  # fmt: skip
+        return out.saliency
+
+    def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
+        z = unpack(latents.float(), height, width).to(next(self.autoencoder.parameters()).dtype)
+        return imaging.to_pil(self.autoencoder.decode(z)[0])
+
+    def _encode(self, pil: Image.Image) -> Tensor:
         ae_dtype = next(self.autoencoder.parameters()).dtype
         x = (imaging.to_tensor(pil) * 2 - 1)[None].to(self.device, ae_dtype)
-        z = pack(self.autoencoder.encode(x).to(self.dtype))  # (1, N, 64)
-        ids, tids = image_ids(1, height, width).to(self.device), text_ids(1, txt.shape[1]).to(self.device)
-        t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
-        guided = self.flux.config.guidance_embed
-        g = torch.full((1,), float(guidance), device=self.device, dtype=self.dtype) if guided else None
-        samples = range(num_samples)
-        if progress:
-            from tqdm.auto import tqdm
-
-            samples = tqdm(samples, desc="explain", unit="sample")
-        for i in samples:
-            noise = pack(get_noise(1, height, width, seed + i, self.device, self.dtype))
-            x_t = t * noise + (1 - t) * z
-            if collector.wants(i):
-                out = self.flux(x_t, ids, txt, tids, t_vec, y, g, concepts=concept_input, stop_after_double=True)
-                collector.add(out.saliency)
-        record = {"mode": "explain", "model": self.source, "prompt": prompt, "height": height, "width": width,
-                  "input_size": list(input_size), "size_rule": size_rule, "t": t, "num_samples": num_samples,
-                  "seed": seed, "guidance": float(guidance) if guided else None}  # fmt: skip
-        return self._result(pil, concepts, collector, height, width, settings, record)
+        return pack(self.autoencoder.encode(x).to(self.dtype))  # (1, N, 64)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -370,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an image and its concept maps")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--num-steps", type=int, default=None,
-                     help="sampling steps (default: the model's own, 4 for schnell, 50 for shapes)")  # fmt: skip
+                     help="sampling steps (default: the model's own: 4 for schnell and SD3.5 Large Turbo, 28 for "
+                     "SD3.5 Large, 40 for Medium, 50 for shapes)")  # fmt: skip
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="SD3.5: classifier-free guidance scale, none at or below 1 (default: the model card's: 0 for "
+                     "Large Turbo, 3.5 Large, 4.5 Medium); FLUX.1-dev: its distilled guidance (3.5)")  # fmt: skip
     exp = sub.add_parser("explain", help="concept maps for a given image")
     exp.add_argument("--image", required=True, help="PNG/JPEG file")
     exp.add_argument("--prompt", default="", help="caption used as the prompt (default: empty)")
@@ -420,6 +503,8 @@ class ModelFacts:
     native_size: int
     tokenizer: object
     num_steps: int = 4  # the model's default sampling steps
+    block_kind: str = "double blocks"  # what `--layers` indexes
+    max_size: int | None = None  # the largest side the model takes (SD3: its position table), None = any
 
 
 def model_facts(source: str | Path) -> ModelFacts:
@@ -428,6 +513,10 @@ def model_facts(source: str | Path) -> ModelFacts:
     from weights.configs import count_blocks
 
     source = BUILTIN_MODEL if str(source) == "shapes" else source
+    if weights.family(source) == "sd3":
+        from sd3.pipeline import sd3_facts
+
+        return sd3_facts(source)
     flux = weights.read_weights(weights.locate(source, "flux"))
     depth = count_blocks(flux, "double_blocks") or count_blocks(flux, "transformer_blocks")
     embed = flux.get("img_in.weight") or flux.get("x_embedder.weight")
@@ -439,8 +528,19 @@ def model_facts(source: str | Path) -> ModelFacts:
     )  # fmt: skip
 
 
+PICK = "; give --layers and --steps-used, or another --preset"  # when a preset's choice does not fit the model
+
+
 def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFacts) -> tuple[int, int]:
     """Every check that needs no weights; -> the size the model will run at (explain: printed when resized)."""
+    size = _check_arguments(args, settings, facts)
+    if facts.max_size is not None and max(size) > facts.max_size:
+        raise ValueError(f"size {size[0]}x{size[1]}: this model takes at most {facts.max_size} px a side (its position "
+                         "table); give a smaller --size")  # fmt: skip
+    return size
+
+
+def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFacts) -> tuple[int, int]:
     if args.command == "generate" and args.num_steps is None:
         args.num_steps = facts.num_steps
     count = args.num_steps if args.command == "generate" else args.samples
@@ -452,10 +552,12 @@ def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFa
     check_seed(args.seed, 1 if args.command == "generate" else args.samples)
     if settings.steps is not None and max(settings.steps) >= count:
         what = "sampling steps (--num-steps)" if args.command == "generate" else "noise samples (--samples)"
-        raise ValueError(f"--steps-used {list(settings.steps)}: there are only {count} {what}")
+        given, fix = ("--steps-used", "") if args.steps_used else (f"the preset {args.preset!r} uses steps", PICK)
+        raise ValueError(f"{given} {list(settings.steps)}: there are only {count} {what}{fix}")
     if settings.layers is not None and max(settings.layers) >= facts.depth:
-        raise ValueError(f"--layers {list(settings.layers)}: this model has {facts.depth} double blocks "
-                         f"(0..{facts.depth - 1})")  # fmt: skip
+        given, fix = ("--layers", "") if args.layers else (f"the preset {args.preset!r} averages blocks", PICK)
+        raise ValueError(f"{given} {list(settings.layers)}: this model has {facts.depth} {facts.block_kind} "
+                         f"(0..{facts.depth - 1}){fix}")  # fmt: skip
     if args.command == "generate":
         return args.size or (facts.native_size, facts.native_size)
     image = imaging.load_image(args.image)
@@ -494,14 +596,17 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", InputWarning)  # already printed above
             if args.command == "generate":
                 result = pipe.generate(prompt, concepts, size[0], size[1], args.num_steps, args.seed, settings,
-                                       keep_grid=args.grid)  # fmt: skip
+                                       keep_grid=args.grid, guidance=args.guidance)  # fmt: skip
             else:
                 result = pipe.explain(args.image, concepts, prompt, args.t, args.samples, args.seed, settings,
                                       keep_grid=args.grid, size=args.size, guidance=args.guidance)  # fmt: skip
+        result.record.update(device=str(device), dtype=str(pipe.dtype).removeprefix("torch."), memory=pipe.memory)
         out = folder.write(result)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM under terminate_as_interrupt: the finally cleans up
+        return interrupted(stop, "nothing was written" if folder is None else f"nothing was written to {folder.out}")
     finally:
         if folder is not None:
             folder.discard()
@@ -511,4 +616,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with terminate_as_interrupt():
+        code = main()
+    sys.exit(code)

@@ -170,7 +170,7 @@ def command(args: argparse.Namespace) -> int:
     plan = prepare(dataset, protocol, methods, args.out, limit=args.limit, rank=rank, world_size=world_size,
                    class_map=class_map, model=args.model)  # fmt: skip
     facts = model_facts(args.model)  # the checkpoint's headers, config and tokenizer: no weights read
-    check_layers(methods, facts.depth, f"the model {args.model}")
+    check_layers(methods, facts.depth, f"the model {args.model}", facts.block_kind)
     pipe = build_pipeline(args)
     results = run_plan(pipe, plan, progress=not args.no_progress)
     if results is not None:

@@ -107,11 +107,11 @@ def parse_layers(text: str) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def check_layers(methods: list[Method], depth: int, where: str) -> None:
-    """Every method's layers exist among the model's `depth` double blocks."""
+def check_layers(methods: list[Method], depth: int, where: str, kind: str = "double blocks") -> None:
+    """Every method's layers exist among the model's `depth` blocks (`kind`: Flux's double, SD3's joint blocks)."""
     for m in methods:
         if m.layers is not None and max(m.layers) >= depth:
-            raise ValueError(f"layers {format_layers(m.layers)}: {where} has {depth} double blocks (0-{depth - 1}); "
+            raise ValueError(f"layers {format_layers(m.layers)}: {where} has {depth} {kind} (0-{depth - 1}); "
                              "pass --layers within them, or all")  # fmt: skip
 
 
@@ -283,9 +283,9 @@ def run(pipe, dataset, protocol: Protocol, methods: list[Method], out: str | Pat
 def run_plan(pipe, plan: Plan, progress: bool = True) -> dict | None:
     """Run a prepared plan; merge and return the results once every shard of this run's settings is in."""
     protocol, methods, out, dataset = plan.protocol, plan.methods, plan.out, plan.dataset
-    flux = getattr(pipe, "flux", None)
-    if flux is not None:
-        check_layers(methods, flux.config.depth, f"the model {plan.config['model']}")
+    depth = getattr(pipe, "depth", None)  # Flux's double blocks, SD3's joint blocks
+    if depth is not None:
+        check_layers(methods, depth, f"the model {plan.config['model']}", pipe.block_kind)
     source = str(getattr(pipe, "source", plan.config["model"]))
     config = {**plan.config, "weights": weights_fingerprint(source), "dtype": str(getattr(pipe, "dtype", None))}
     hashed = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "path"}}  # paths may differ

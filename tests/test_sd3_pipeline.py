@@ -40,7 +40,7 @@ def snapshot(tmp_path_factory):
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=WIDTH, caption_projection_dim=32,
-        pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=8,
+        pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=64,
         qk_norm="rms_norm",
     )  # fmt: skip
     with torch.no_grad():
@@ -127,6 +127,8 @@ def test_command_line(snapshot, tmp_path, capsys):
     assert main(explain) == 0 and (tmp_path / "e" / "overlay.png").is_file()
     assert main([*explain[:4], str(tmp_path / "f"), *common, "--layers", "3"]) == 2
     assert "3 joint blocks" in capsys.readouterr().err
+    too_big = ["generate", "--prompt", "a cat", "--out", str(tmp_path / "h"), *common[:-1], "2048"]
+    assert main(too_big) == 2 and "at most 1024 px a side" in capsys.readouterr().err  # its 64 x 64 position table
 
 
 @pytest.mark.parametrize("memory", ["stream", "fp8", "offload"])
@@ -145,3 +147,20 @@ def test_memory_modes(snapshot, ours, memory):
     else:
         assert err <= 1e-5
         assert np.abs(np.asarray(got.image, dtype=int) - np.asarray(want.image, dtype=int)).max() <= 1
+
+
+def test_segmentation_command(snapshot, tmp_path):
+    """`python -m segmentation run --model <an SD3.5 snapshot>`: the real pipeline, its joint blocks as layers."""
+    import json
+
+    from test_segmentation import write_folder
+
+    from segmentation.__main__ import main as segmentation
+
+    write_folder(tmp_path / "data")
+    argv = ["run", "--dataset", "folder", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--model", str(snapshot[0]), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert segmentation([*argv, "--layers", "3-4"]) == 2  # three joint blocks, refused before loading
+    assert segmentation([*argv, "--layers", "1-2"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["methods"] and all(0 <= m["metrics"]["miou"] <= 1 for m in results["methods"])
