@@ -37,6 +37,10 @@ from mmdit import ConceptSaliency
 SPACES = ("output", "attention", "value", "cross_attention")
 TARGETS = ("concepts+image", "image", "concepts", "none")
 TOKEN_RULES = ("first", "mean", "pieces")
+CONCEPT_ENCODERS = ("t5", "clip-joined")  # clip-joined: SD3 only (the official SD3 code's encoding)
+IMAGE_VECTORS = ("prompt", "concepts")  # concepts: SD3 only (the official SD3 code's second attention)
+REDUCTIONS = ("maps", "vectors")
+GUIDED_HALVES = ("conditional", "unconditional")
 
 
 def check_indices(value, what: str) -> tuple[int, ...]:
@@ -69,12 +73,32 @@ class Settings:
     normalize: bool = False  # the official evaluation's concept normalisation of o_c (and v_c) before the dot product
     token_rule: str = "mean"  # first | mean | pieces: how a concept of several T5 pieces becomes tokens
     value_per_head: bool = False  # value space: softmax per head, then the head mean (the official baseline's)
+    # The official SD3 code's recipe, as options (SD3.5 only; Flux refuses anything but the defaults, see
+    # `check_family`):
+    # concept_encoder "clip-joined": the concepts joined by spaces into one text, encoded by the two CLIPs, rows 0..C
+    #   kept (row 0 = BOS, carried through the blocks, dropped from the maps; rows 1..C = the first C tokens of the
+    #   text: one per concept only when each concept is one CLIP token). "t5": each concept by T5 on its own.
+    concept_encoder: str = "t5"
+    # image_vectors "concepts": the output-space image vectors o_x are the image rows of a second attention, image
+    #   queries against [image; concepts] keys and values (before the output projection); "prompt": the image rows of
+    #   the real joint attention over [image; prompt] (the paper's). Neither changes the image.
+    image_vectors: str = "prompt"
+    # reduce "vectors": o_c and o_x are averaged over the used steps first, then, per layer, the concept vectors are
+    #   L2-normalised (eps 1e-8), dotted with the image vectors, softmaxed over concepts and the layers averaged
+    #   (output space only, no grid). "maps": per step and layer maps, averaged (the paper's eq. 11).
+    reduce: str = "maps"
+    # guided_half: which half of a classifier-free-guidance batch [unconditional; conditional] the maps come from
+    guided_half: str = "conditional"
 
     def __post_init__(self):
         for name, value, allowed in (
             ("space", self.space, SPACES),
             ("target", self.target, TARGETS),
             ("token_rule", self.token_rule, TOKEN_RULES),
+            ("concept_encoder", self.concept_encoder, CONCEPT_ENCODERS),
+            ("image_vectors", self.image_vectors, IMAGE_VECTORS),
+            ("reduce", self.reduce, REDUCTIONS),
+            ("guided_half", self.guided_half, GUIDED_HALVES),
         ):
             if value not in allowed:
                 raise ValueError(f"Settings.{name} = {value!r}; choose one of {', '.join(allowed)}")
@@ -87,6 +111,11 @@ class Settings:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check_indices(value, f"Settings.{name}"))
+        if self.reduce == "vectors" and (self.space != "output" or self.normalize):
+            raise ValueError(
+                "Settings.reduce = 'vectors' averages the output-space vectors and L2-normalises the concepts: it "
+                "needs space='output' and normalize=False"
+            )
 
 
 PRESETS: dict[str, Settings] = {
@@ -98,7 +127,45 @@ PRESETS: dict[str, Settings] = {
     # The run behind the paper's ImageNet-Segmentation row (with 5 noise samples and a blur, set by the benchmark);
     # its value space is the official baseline's (softmax per head, then the head mean).
     "paper-imagenet": Settings(layers=(14, 15, 16, 17), normalize=True, token_rule="first", value_per_head=True),
+    # The official SD3 code (ConceptAttentionSD3Pipeline.generate_image / encode_image): CLIP-joined concepts, image
+    # vectors of the second attention, vectors averaged over steps before the dot product, every joint block, the
+    # unconditional half under guidance. SD3.5 pipelines read "official" as this one (`for_family`).
+    "official-sd3": Settings(
+        concept_encoder="clip-joined", image_vectors="concepts", reduce="vectors", guided_half="unconditional"
+    ),
 }
+FAMILY_PRESETS = {("official", "sd3"): "official-sd3"}  # (preset, family) -> the family's own version of the preset
+# the options only some families have, and their defaults (which every family has)
+FAMILY_OPTIONS = {"concept_encoder": "t5", "image_vectors": "prompt", "reduce": "maps", "guided_half": "conditional"}
+OPTION_FAMILIES = {"sd3"}
+
+
+def for_family(settings: Settings, family: str) -> Settings:
+    """The family's own version of a preset given as is (`PRESETS["official"]` on SD3.5 is `PRESETS["official-sd3"]`);
+    any other settings unchanged."""
+    for (name, fam), own in FAMILY_PRESETS.items():
+        if fam == family and settings == PRESETS[name]:
+            return PRESETS[own]
+    return settings
+
+
+def family_settings(settings: Settings, family: str) -> Settings:
+    """The settings a family's pipeline runs with: its own version of a preset (`for_family`), options checked."""
+    settings = for_family(settings, family)
+    check_family(settings, family)
+    return settings
+
+
+def check_family(settings: Settings, family: str) -> None:
+    """Refuse the SD3-only options on another family."""
+    if family in OPTION_FAMILIES:
+        return
+    for name, default in FAMILY_OPTIONS.items():
+        if getattr(settings, name) != default:
+            raise ValueError(
+                f"Settings.{name} = {getattr(settings, name)!r} is for SD3.5 only (the official SD3 recipe); "
+                f"{family} takes {default!r}"
+            )
 
 
 def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
@@ -131,7 +198,11 @@ def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def group_pieces(x: Tensor, owner: Tensor, num_concepts: int) -> Tensor:
-    """Average the rows of x [..., C', N] that belong to the same concept (owner [C'] -> concept index): [..., C, N]."""
+    """Average the rows of x [..., C', N] that belong to the same concept (owner [C'] -> concept index): [..., C, N].
+    Rows owned by -1 (a BOS token carried along, as the official SD3 code does) are dropped."""
+    keep = owner >= 0
+    if not bool(keep.all()):
+        x, owner = x[..., keep.to(x.device), :], owner[keep]
     weights = F.one_hot(owner, num_concepts).to(x.dtype)  # (C', C)
     weights = weights / weights.sum(0, keepdim=True)
     return torch.einsum("...pn,pc->...cn", x, weights)
@@ -152,6 +223,17 @@ def reduce_space(value: Tensor, owner: Tensor, num_concepts: int, softmax: bool,
     return x.mean(dim=1)
 
 
+def vector_maps(o_c: Tensor, o_x: Tensor, owner: Tensor, num_concepts: int, softmax: bool, eps: float = 1e-8) -> Tensor:
+    """One layer's map [C, N] from (step-averaged) vectors, as the official SD3 code makes it: concept rows owned by
+    -1 (BOS) dropped, each concept vector o_c [C', D] divided by (its L2 norm + eps), dotted with the image vectors
+    o_x [N, D] over the concatenated heads, optional softmax over concepts. A concept of several rows averages them
+    (the official code has one row per concept)."""
+    o_c = o_c.float()
+    o_c = o_c / (o_c.norm(dim=-1, keepdim=True) + eps)
+    x = group_pieces((o_c @ o_x.float().T)[None], owner, num_concepts)[0]  # (C, N)
+    return x.softmax(dim=0) if softmax else x
+
+
 class MapCollector:
     """Reduces each forward's per-layer saliency as it arrives: a running sum of [C, N] for one space, or, with
     `keep_grid`, the [layers, steps, C, N] grid of every space with and without softmax."""
@@ -159,15 +241,22 @@ class MapCollector:
     def __init__(self, settings: Settings, layers: tuple[int, ...], owner: Tensor, num_concepts: int, keep_grid: bool):
         self.settings, self.layers, self.owner, self.num_concepts = settings, layers, owner, num_concepts
         self.keep_grid = check_flag(keep_grid, "keep_grid")
+        if keep_grid and settings.reduce == "vectors":
+            raise ValueError("reduce='vectors' averages vectors over the steps before any map is made: there is no "
+                             "layer x step grid of maps to keep; use keep_grid=False (no --grid)")  # fmt: skip
         self.spaces = SPACES if keep_grid else (settings.space,)
         self.rows: dict[tuple[str, bool], list[Tensor]] = {}  # per (space, softmax): one [L, C, N] per step
         self.total: Tensor | None = None
         self.count = 0
+        self.vectors: list[tuple[Tensor, Tensor]] = []  # reduce="vectors": per layer, sums of (o_c [C', D], o_x [N, D])
+        self.vector_steps = 0
 
     def wants(self, step: int) -> bool:
         return self.keep_grid or self.settings.steps is None or step in self.settings.steps
 
     def add(self, saliency: dict[int, ConceptSaliency]) -> None:
+        if self.settings.reduce == "vectors":
+            return self._add_vectors(saliency)
         for space in self.spaces:
             for softmax in (False, True) if self.keep_grid else (self.settings.softmax,):
                 sum_heads = space == "value" and not self.settings.value_per_head
@@ -180,6 +269,23 @@ class MapCollector:
             step_sum = self.rows.pop((self.settings.space, self.settings.softmax))[0].sum(0)  # (C, N)
             self.total = step_sum if self.total is None else self.total + step_sum
             self.count += len(self.layers)
+
+    def _add_vectors(self, saliency: dict[int, ConceptSaliency]) -> None:
+        """reduce="vectors": sum each layer's vectors (batch row 0) over the steps, then remake `total` (the sum over
+        layers of the maps of the mean vectors) so that `total / count` is always the current result."""
+        for j, i in enumerate(self.layers):
+            s = saliency[i]
+            if getattr(s, "concept_vectors", None) is None:
+                raise ValueError("reduce='vectors' needs the blocks' vectors; this model does not report them")
+            pair = (s.concept_vectors[0].float(), s.image_vectors[0].float())  # (C', D), (N, D)
+            if j == len(self.vectors):
+                self.vectors.append(pair)
+            else:
+                self.vectors[j] = (self.vectors[j][0] + pair[0], self.vectors[j][1] + pair[1])
+        self.vector_steps += 1
+        maps = [vector_maps(c / self.vector_steps, x / self.vector_steps, self.owner, self.num_concepts,
+                            self.settings.softmax) for c, x in self.vectors]  # fmt: skip
+        self.total, self.count = torch.stack(maps).sum(0).cpu(), len(maps)
 
     def grid(self) -> dict[str, Tensor]:
         """{"output": [L, T, C, N], "output+softmax": ..., ...} (raw maps of each layer and step)."""

@@ -11,13 +11,21 @@ single-file checkpoint's `joint_blocks.*`, so `sd3.5_large_turbo.safetensors` lo
 - one stream's steps are the free functions Flux's block uses (`mmdit.layers.pre_attention`, `post_attention`,
   `concept_saliency`; `mmdit.math.attention`, `concept_attention`), so the method is written once for both families;
 - SD3.5 Medium's second, image-only attention (`attn2`, MMDiT-X) is one extra gated residual before the MLP. It takes
-  no part in the concept stream: the image vectors o_x of the output space come from the joint attention, as in the
-  blocks without `attn2`.
+  no part in the concept stream: the image vectors o_x of the output space come from the joint attention (or, with
+  `image_vectors="concepts"`, from the image rows of [image; concepts]; both use the `attn` weights only), as in the
+  blocks without `attn2`. (The official SD3 code crashes in Medium's first block: its processor, shared with `attn2`,
+  reads the absent text of the image-only attention.)
+- `image_vectors="concepts"` (the official SD3 code's output space): o_x are the image rows, before the output
+  projection, of a second attention in which the image queries attend to [image; concepts] keys and values instead
+  of [image; prompt]; computed only when asked, never used for the image (whose rows come from the real attention).
+  `vectors=True` also hands back o_c and o_x themselves (`SD3Saliency`), for a reduction that averages vectors.
 
 Shape letters: B batch, H heads, D head dim, N image tokens, T text tokens, C concepts.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -25,6 +33,14 @@ from torch import Tensor, nn
 
 from mmdit.layers import ConceptSaliency, ModulationOut, concept_saliency, feed_forward, post_attention, pre_attention
 from mmdit.math import attention, concept_attention, rms_norm
+
+
+@dataclass
+class SD3Saliency(ConceptSaliency):
+    """`ConceptSaliency` with the output-space vectors themselves, when a block is asked for them (`vectors=True`)."""
+
+    concept_vectors: Tensor | None = None  # (B, C, H*D)  o_c, before the output projection
+    image_vectors: Tensor | None = None  # (B, N, H*D)  o_x, before the output projection
 
 
 class RMSNorm(nn.Module):
@@ -131,13 +147,19 @@ class JointBlock(nn.Module):
         target: str = "concepts+image",
         spaces: tuple[str, ...] = (),
         normalize: bool = False,
+        image_vectors: str = "prompt",
+        vectors: bool = False,
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None, ConceptSaliency | None]:
         """x (B, N, hidden) image tokens, context (B, T, hidden) text tokens, c (B, hidden) conditioning vector.
 
         Returns the image and text tokens (text None after the last block). With `concepts` (B, C, hidden) and their
         conditioning vector `concept_c` (B, hidden), also the updated concepts (None after the last block) and, when
-        `spaces` is not empty, their `ConceptSaliency`.
+        `spaces` is not empty, their `ConceptSaliency` (an `SD3Saliency` with the vectors when `vectors`).
+        `image_vectors`: "prompt" (o_x = the image rows of the joint attention) or "concepts" (the image rows of a
+        second attention over [image; concepts], the official SD3 code's).
         """
+        if image_vectors not in ("prompt", "concepts"):
+            raise ValueError(f"image_vectors must be 'prompt' or 'concepts', got {image_vectors!r}")
         N = x.shape[1]
         x_mods = self.x_block.modulation(c)
         t_mods = self.context_block.modulation(c)
@@ -166,6 +188,16 @@ class JointBlock(nn.Module):
         c_q, c_k, c_v = pre_attention(concepts, c_mods[0], self.context_block.attn)  # (B, H, C, D)
         o_c, weights = concept_attention(c_q, c_k, c_v, x_k, x_v, target)  # (B, H, C, D), (B, H, C, C+N)
         o_c = rearrange(o_c, "B H C D -> B C (H D)")
-        saliency = concept_saliency(spaces, o_c, x_a, weights, c_v, x_v, c_k, x_q, normalize) if spaces else None
+        saliency = None
+        if spaces:
+            o_x = x_a
+            if image_vectors == "concepts" and ("output" in spaces or vectors):  # image queries vs [image; concepts]
+                B = x_q.shape[0]
+                o_x = attention(x_q, torch.cat((x_k, c_k.expand(B, -1, -1, -1)), dim=2),
+                                torch.cat((x_v, c_v.expand(B, -1, -1, -1)), dim=2),
+                                manual=self.manual_attention)  # fmt: skip  # (B, N, H*D)
+            saliency = concept_saliency(spaces, o_c, o_x, weights, c_v, x_v, c_k, x_q, normalize)
+            if vectors:
+                saliency = SD3Saliency(**vars(saliency), concept_vectors=o_c, image_vectors=o_x)
         concepts_out = self.context_block.post(concepts, o_c, c_mods)
         return x_out, context_out, concepts_out, saliency

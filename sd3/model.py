@@ -8,6 +8,9 @@ differs in:
   `concepts` (an `mmdit.ConceptInput`): concept tokens go through `context_embedder`, are modulated with the prompt's
   conditioning vector t_emb(t) + y_emb(y) (or the pooled vector `concepts.y` if given) and travel through every joint
   block; the result then is an `SD3Output` with the per-block `ConceptSaliency`;
+- `concepts` may be an `SD3ConceptInput`, which also says where the output space's image vectors come from
+  (`image_vectors`: "prompt" or "concepts", the official SD3 code's second attention) and whether the blocks hand back
+  the vectors themselves (`vectors`);
 - `stop_after_concepts=True` ends the forward after the last block that reports (real-image saliency needs no more);
 - no registers, no ControlNet inputs, no skip-layer guidance, no SD3.0 variants (no q/k norm): only what SD3.5 uses.
 
@@ -32,7 +35,7 @@ from mmdit.math import timestep_embedding
 
 from .layers import JointBlock
 
-__all__ = ["CONFIGS", "SD3", "SD3Config", "SD3Output"]
+__all__ = ["CONFIGS", "SD3", "SD3Config", "SD3ConceptInput", "SD3Output"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,20 @@ CONFIGS: dict[str, SD3Config] = {
     ),
 }
 CONFIGS["sd3.5-large-turbo"] = CONFIGS["sd3.5-large"]
+
+
+@dataclass(frozen=True, eq=False)
+class SD3ConceptInput(ConceptInput):
+    """`ConceptInput` with SD3's options: `image_vectors` "prompt" (o_x from the joint attention over [image; prompt])
+    or "concepts" (from a second attention over [image; concepts]); `vectors`: the blocks also hand back o_c, o_x."""
+
+    image_vectors: str = "prompt"
+    vectors: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.image_vectors not in ("prompt", "concepts"):
+            raise ValueError(f"image_vectors must be 'prompt' or 'concepts', got {self.image_vectors!r}")
 
 
 @dataclass
@@ -216,7 +233,8 @@ class SD3(nn.Module):
                 img, txt = block(img, txt, c)
                 continue
             spaces = concepts.spaces if concepts.layers is None or i in concepts.layers else ()
-            img, txt, cpt, s = block(img, txt, c, cpt, concept_c, concepts.target, spaces, concepts.normalize)
+            options = (concepts.image_vectors, concepts.vectors) if isinstance(concepts, SD3ConceptInput) else ()
+            img, txt, cpt, s = block(img, txt, c, cpt, concept_c, concepts.target, spaces, concepts.normalize, *options)
             if s is not None:
                 saliency[i] = s
         if stop_after_concepts:

@@ -11,12 +11,24 @@ Differs in:
   (Turbo is told apart from Large by the name of its repo or file: the two have the same tensors);
 - `explain` runs one noised forward per sample without guidance, conditioned on the prompt ("" by default), and stops
   after the last block that reports.
+
+The official SD3 code's recipe (helblazer811/ConceptAttention `concept_attention/sd3/`) is a set of `Settings`
+options, all on in the preset "official-sd3"; `--preset official` (or `settings=PRESETS["official"]` as is) reads as
+that preset on SD3.5 (`saliency.family_settings`, in `generate` and `explain`): `concept_encoder="clip-joined"` (the
+concepts joined by spaces, the two CLIPs' penultimate states, rows 0..C with the BOS row carried through the blocks
+and dropped from the maps), `image_vectors="concepts"` (o_x from a second attention over [image; concepts], see
+`sd3.layers`), `reduce="vectors"` (vectors averaged over steps, L2-normalised concepts) and
+`guided_half="unconditional"` (under guidance the maps of the unconditional half). The official `encode_image`
+noises at the 4-step schedule's third sigma (`OFFICIAL_T`, 0.6022 with shift 3) with the posterior *sample* of an
+unseeded generator; `explain` keeps the posterior mean (give `t=OFFICIAL_T`). The official code crashes on Medium;
+these options run there (`attn2` takes no part in them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,15 +36,17 @@ from PIL import Image
 from torch import Tensor
 
 import imaging
-from checks import check_device
+from checks import InputWarning, check_device
 from concept_attention import NATIVE_SIZE, ConceptPipeline, memory_mode
 from mmdit import ConceptInput, ConceptSaliency
+from saliency import MapCollector, Settings
 from sampling import flow_match_schedule, get_noise
 
-from .model import SD3
-from .text import SD3TextEncoders
+from .model import SD3, SD3ConceptInput
+from .text import CLIP_LENGTH, SD3TextEncoders
 
 SHIFT = 3.0  # SD3.5's scheduler_config.json
+OFFICIAL_T = flow_match_schedule(4, SHIFT)[2]  # the official encode_image's noise level: timesteps[-2] of 4 steps
 DEFAULTS = {"turbo": (4, 0.0), "large": (28, 3.5), "medium": (40, 4.5)}  # (steps, guidance) of the model cards
 
 
@@ -107,6 +121,48 @@ class SD3Pipeline(ConceptPipeline):
     def depth(self) -> int:
         return len(self.transformer.joint_blocks)
 
+    # ---- concepts and settings -------------------------------------------------------------------------------------
+    def encode_concepts_clip_joined(self, concepts: list[str]) -> tuple[Tensor, Tensor]:
+        """The official SD3 encoding: `" ".join(concepts)` through both CLIPs as a prompt is (`clip_tokens`), rows
+        0..C kept -> tokens [1, C+1, W] and owner [C+1] = [-1 (BOS), 0, 1, ..., C-1]. Row i is the i-th CLIP token
+        of the joined text, which is concept i-1 only if every concept before it is one token (warned otherwise)."""
+        C = len(concepts)
+        if C + 2 > CLIP_LENGTH:
+            raise ValueError(f"{C} concepts: the CLIP-joined encoding keeps BOS and {C} tokens of one 77-token text; "
+                             f"give at most {CLIP_LENGTH - 2} concepts")  # fmt: skip
+        tokenizer = self.text.clip_l_tokenizer
+        several = [c for c in concepts if len(tokenizer.encode(c)) != 3]  # BOS, one piece, EOS
+        if several:
+            warnings.warn(
+                f"concept(s) {', '.join(map(repr, several))} are not one CLIP token: the CLIP-joined encoding (the "
+                "official SD3 code's) keeps the first C tokens of the joined text, so the maps from the first of "
+                "them on are of pieces, not of the concepts named",
+                InputWarning,
+                stacklevel=5,
+            )
+        encoders = (self.text.clip_l, self.text.clip_g)
+        for module in encoders if self.offload else ():
+            module.to(self.device)
+        tokens = self.text.clip_tokens(" ".join(concepts))[:, : C + 1].to(self.device, self.dtype)
+        for module in encoders if self.offload else ():
+            module.to("cpu")
+        return tokens, torch.tensor([-1, *range(C)])
+
+    def _prepare(self, prompt, concepts, settings, keep_grid):
+        self._guided_half = settings.guided_half
+        if settings.concept_encoder == "t5":
+            return super()._prepare(prompt, concepts, settings, keep_grid)
+        layers = self._layers(settings, keep_grid)
+        self._warn(prompt, concepts, settings)
+        tokens, owner = self.encode_concepts_clip_joined(concepts)
+        collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
+        return collector, self._concept_input(tokens, settings, layers, keep_grid)
+
+    def _concept_input(self, tokens: Tensor, settings: Settings, layers, keep_grid: bool) -> SD3ConceptInput:
+        base = super()._concept_input(tokens, settings, layers, keep_grid)
+        return SD3ConceptInput(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                               image_vectors=settings.image_vectors, vectors=settings.reduce == "vectors")  # fmt: skip
+
     # ---- the family's hooks ----------------------------------------------------------------------------------------
     def _check_memory(self, height: int, width: int) -> None:
         cfg = self.autoencoder.config
@@ -151,7 +207,10 @@ class SD3Pipeline(ConceptPipeline):
             velocity = uncond + cond["guidance"] * (cond_v - uncond)
         if concepts is None:
             return velocity, None
-        return velocity, {i: conditional_half(s) for i, s in out.saliency.items()} if guided else out.saliency
+        if not guided:
+            return velocity, out.saliency
+        row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
+        return velocity, {i: batch_row(s, row) for i, s in out.saliency.items()}
 
     def _explain_saliency(self, x_t: Tensor, t: float, cond: dict, concepts: ConceptInput) -> dict:
         t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
@@ -168,7 +227,12 @@ class SD3Pipeline(ConceptPipeline):
         return self.autoencoder.encode(x).to(self.dtype)  # (1, 16, H/8, W/8)
 
 
+def batch_row(saliency: ConceptSaliency, row: int) -> ConceptSaliency:
+    """One row of each space of a [unconditional; conditional] batch: 1 the conditional half, 0 the unconditional."""
+    return type(saliency)(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[row : row + 1]
+                             for f in dataclasses.fields(saliency)})  # fmt: skip
+
+
 def conditional_half(saliency: ConceptSaliency) -> ConceptSaliency:
     """The second (conditional) row of each space of a [unconditional; conditional] batch."""
-    return ConceptSaliency(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[1:]
-                              for f in dataclasses.fields(saliency)})  # fmt: skip
+    return batch_row(saliency, 1)
