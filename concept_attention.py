@@ -219,7 +219,7 @@ class ConceptPipeline:
         image = self._decode(latents, height, width)
         record = {"mode": "generate", "model": self.source, "family": self.family, "prompt": prompt,
                   "height": height, "width": width, "num_steps": num_steps, "seed": seed,
-                  "guidance": float(guidance), "timesteps": timesteps}  # fmt: skip
+                  "guidance": float(guidance), "timesteps": [round(t, 6) for t in timesteps]}  # fmt: skip
         return self._result(image, concepts, collector, height, width, settings, record)
 
     @torch.no_grad()
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="concept_attention.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate an image and its concept maps")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a cat on the grass under the sky'")
     gen.add_argument("--num-steps", type=int, default=None,
                      help="sampling steps (default: the model's own: 4 for schnell and SD3.5 Large Turbo, 28 for "
                      "SD3.5 Large, 40 for Medium, 50 for shapes)")  # fmt: skip
@@ -472,8 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="512 or HxW, multiples of 16 (default: the model's native "
             "size, 1024 for FLUX.1 and 128 for shapes; explain: the image, long side at most that)",
         )
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of the noise (generate: the image; explain: the first draw); default 0",
+        )
+        p.add_argument(
+            "--preset",
+            choices=sorted(PRESETS),
+            default="default",
+            help="a named set of the options below: default (the paper's output space, every block and "
+            "step, concepts as the mean of their pieces); official (the official code's blocks and token "
+            "rule; on SD3.5 the official SD3 code's whole recipe); official-demo; paper-imagenet. An option "
+            "given beside it wins",
+        )
         p.add_argument("--space", choices=SPACES, help="saliency space (default: output, the paper's)")
         p.add_argument("--layers", type=int, nargs="+", help="double-block indices averaged (default: all)")
         p.add_argument("--steps-used", type=int, nargs="+", help="sampling steps (or noise samples) averaged")
@@ -483,7 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--normalize", action="store_true", help="the official evaluation's concept normalisation")
         p.add_argument("--grid", action="store_true", help="also keep and save the layer x step grid of maps")
         p.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
-        p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bf16 on GPU, fp32 on CPU")
+        p.add_argument(
+            "--dtype",
+            metavar="{bfloat16,float32}",
+            help="default: bfloat16 on a GPU, float32 on the CPU (float16 overflows these models)",
+        )
         p.add_argument("--memory", choices=MEMORY_MODES, default="full",
                        help="full; offload (text encoders on the CPU between uses); stream (transformer and T5 "
                        "blocks streamed from host memory); fp8 (fp8 transformer weights, T5 streamed)")  # fmt: skip
@@ -580,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         device = check_device(args.device)
         import weights
 
+        if args.dtype not in (None, "bfloat16", "float32", "float16"):  # float16: refused below, with the reason
+            raise ValueError(f"--dtype {args.dtype!r}: choose bfloat16 or float32")
         dtype = getattr(torch, args.dtype) if args.dtype else None
         for component in ("flux", "autoencoder", "t5"):  # float16 is refused here, not after the transformer loads
             run_dtype = weights.resolve_device_dtype(component, device, dtype)[1]
@@ -602,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                                       keep_grid=args.grid, size=args.size, guidance=args.guidance)  # fmt: skip
         result.record.update(device=str(device), dtype=str(pipe.dtype).removeprefix("torch."), memory=pipe.memory)
         out = folder.write(result)
+        if (note := result.flat_note()) is not None:
+            print(f"warning: {note}", file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -611,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         if folder is not None:
             folder.discard()
     done = "replaced the earlier result in" if folder.replaces else "wrote"
-    print(f"{done} {out}/: image.png, overlay.png, heatmaps/, masks/, maps.safetensors, settings.json")
+    grid = "grid.png, " if result.grid is not None else ""
+    print(f"{done} {out}/: image.png, overlay.png, {grid}heatmaps/, masks/, maps.safetensors, settings.json")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Small image helpers shared by the pipeline, the command line and the benchmark: loading, tensors <-> PIL, a
-colour map for saliency maps and captioned grids.
+colour map for saliency maps with its colour bar, and captioned grids.
 
 Notable features:
 - no plotting library: the colour map is a piecewise-linear copy of the anchors of matplotlib's "inferno" (a public
@@ -165,6 +165,38 @@ def captioned_grid(tiles: list[Image.Image], captions: list[str], columns: int |
         x, y = (index % columns) * w, (index // columns) * (h + strip)
         draw.text((x + 3, y + 1), caption, fill="black", font=font)
         canvas.paste(tile.resize((w, h)), (x, y + strip))
+    return canvas
+
+
+def format_value(x: float) -> str:
+    """A colour-bar label: 3 significant digits, plain notation when it reads well."""
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def colorbar(width: int, lo: float, hi: float, label: str, height: int = 30) -> Image.Image:
+    """A horizontal colour bar for `colorize(..., vmin=lo, vmax=hi)`: the palette from lo (left) to hi (right), with
+    both ends and the middle written under it and `label` (what the colours measure) on its left."""
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = min(max(8 + int(draw.textlength(label, font=font)) + 8, width // 4), width // 2)
+    bar_width = max(width - left - 24, 8)
+    ramp = torch.linspace(lo, hi, bar_width)[None].expand(10, -1)
+    canvas.paste(colorize(ramp, lo, hi), (left, 3))
+    draw.text((4, 2), label, fill="black", font=font)
+    for frac in (0.0, 0.5, 1.0):
+        text = format_value(lo + frac * (hi - lo))
+        x = left + int(frac * (bar_width - 1)) - int(frac * draw.textlength(text, font=font))
+        draw.text((x, 15), text, fill="black", font=font)
+    return canvas
+
+
+def with_colorbar(image: Image.Image, lo: float, hi: float, label: str) -> Image.Image:
+    """`image` with a colour bar strip (see `colorbar`) underneath."""
+    bar = colorbar(image.width, lo, hi, label)
+    canvas = Image.new("RGB", (image.width, image.height + bar.height), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(bar, (0, image.height))
     return canvas
 
 

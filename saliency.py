@@ -356,15 +356,61 @@ class ConceptResult:
             return F.one_hot(maps.argmax(0), len(self.concepts)).permute(2, 0, 1).bool()
         raise ValueError(f"mask rule {rule!r}; choose 'mean' or 'argmax'")
 
+    def scale(self) -> tuple[float, float]:
+        """The one colour scale of every map of this result: [0, 1] after the softmax over concepts, else the range
+        shared by all concepts' maps (so that a flat map looks flat, and maps compare by colour)."""
+        if self.settings.softmax:
+            return 0.0, 1.0
+        return float(self.maps.min()), float(self.maps.max())
+
+    def scale_label(self) -> str:
+        space = f"{self.settings.space.replace('_', ' ')} space"
+        return f"{space}, softmax over concepts" if self.settings.softmax else f"{space}, raw scores"
+
+    def flat_note(self, spread: float = 0.05) -> str | None:
+        """A sentence when every map is nearly flat: its own range below `spread` of the colour scale's width (the
+        width: 1 after the softmax; without it, the largest magnitude of any map). None otherwise."""
+        lo, hi = self.scale()
+        width = 1.0 if self.settings.softmax else max(abs(lo), abs(hi), 1e-12)
+        ranges = (self.maps.amax(dim=(1, 2)) - self.maps.amin(dim=(1, 2))).tolist()
+        if max(ranges) >= spread * width:
+            return None
+        return (
+            f"every map is nearly flat: each varies by at most {max(ranges):.3g} on a scale of "
+            f"{imaging.format_value(lo)} to {imaging.format_value(hi)} ({self.scale_label()}); the maps carry little "
+            "contrast. Other spaces, layers or steps may separate the concepts (--space, --layers, --grid)"
+        )
+
     def heatmaps(self) -> list[Image.Image]:
-        """One coloured map per concept, at the image size."""
-        return [imaging.colorize(m).resize(self.image.size, Image.BILINEAR) for m in self.maps]
+        """One coloured map per concept, at the image size, all on the result's one scale (`scale`)."""
+        lo, hi = self.scale()
+        return [imaging.colorize(m, lo, hi).resize(self.image.size, Image.BILINEAR) for m in self.maps]
 
     def overlay(self, alpha: float = 0.55) -> Image.Image:
-        """The image and each concept's map over it, captioned, in one grid."""
+        """The image and each concept's map over it, captioned, in one grid, with the colour bar of their scale."""
         alpha = check_number(alpha, "alpha", 0.0, 1.0)
         tiles = [self.image] + [imaging.blend(self.image, h, alpha) for h in self.heatmaps()]
-        return imaging.captioned_grid(tiles, ["image", *self.concepts])
+        return imaging.with_colorbar(imaging.captioned_grid(tiles, ["image", *self.concepts]), *self.scale(),
+                                     self.scale_label())  # fmt: skip
+
+    def grid_image(self, tile: int = 96) -> Image.Image | None:
+        """With the kept grid (keep_grid): one row per recorded layer, one column per concept, each the layer's map
+        averaged over the steps, in the result's space and softmax choice, all on one scale with its colour bar.
+        None without the grid. The picture where deeper blocks localise and shallow ones do not."""
+        if self.grid is None:
+            return None
+        key = f"{self.settings.space}{'+softmax' if self.settings.softmax else ''}"
+        h, w = self.maps.shape[-2:]
+        per_layer = rearrange(self.grid[key].mean(dim=1), "L C (h w) -> L C h w", h=h, w=w)  # steps averaged
+        lo, hi = (0.0, 1.0) if self.settings.softmax else (float(per_layer.min()), float(per_layer.max()))
+        size = (tile, max(1, round(tile * w / h)))
+        tiles, captions = [], []
+        for layer, maps in zip(self.layers, per_layer, strict=True):
+            for concept, m in zip(self.concepts, maps, strict=True):
+                tiles.append(imaging.colorize(m, lo, hi).resize((size[1], size[0]), Image.NEAREST))
+                captions.append(f"block {layer}: {concept}"[:24])
+        grid = imaging.captioned_grid(tiles, captions, columns=len(self.concepts))
+        return imaging.with_colorbar(grid, lo, hi, self.scale_label())
 
     @property
     def source(self) -> Path | None:
@@ -571,6 +617,8 @@ class OutputFolder:
             tmp = self.tmp
             result.image.save(tmp / "image.png")
             result.overlay().save(tmp / "overlay.png")
+            if result.grid is not None:
+                result.grid_image().save(tmp / "grid.png")
             masks = result.masks("mean")
             for i, (stem, heat) in enumerate(zip(self.stems, result.heatmaps(), strict=True)):
                 heat.save(tmp / "heatmaps" / f"{stem}.png")
