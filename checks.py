@@ -219,3 +219,16 @@ def text_warnings(tokenizer, max_length: int, prompt: str, concepts: list[str], 
             "second concept such as 'background', or use --no-softmax (softmax=False)"
         )
     return notes
+
+
+def unseen_words(concepts: list[str], known: frozenset[str] | None) -> list[str]:
+    """A warning for concepts with words a built-in model's captions never held (`known`: its world's words, None for
+    a real model): its tokenizer splits them into pieces from other worlds, and their maps mean little."""
+    if known is None:
+        return []
+    unseen = [c for c in concepts if any(word not in known for word in c.lower().split())]
+    if not unseen:
+        return []
+    words = ", ".join(sorted(w for w in known if w not in ("a", "and", "on", "at", "in", "the")))
+    return [f"the built-in model never saw {', '.join(map(repr, unseen))} in training; its maps for them mean little. "
+            f"Its words: {words}"]  # fmt: skip

@@ -49,6 +49,7 @@ from checks import (
     model_recipe,
     terminate_as_interrupt,
     text_warnings,
+    unseen_words,
 )
 from mmdit import ConceptInput, Flux
 from mmdit.memory import MEMORY_MODES, prepare_flux, prepare_t5
@@ -63,8 +64,10 @@ from saliency import (
     Settings,
     check_concepts,
     family_settings,
+    for_family,
 )
 from sampling import check_size, denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+from shapes.scenes import world_words
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 BUILTIN_MODEL = Path(__file__).resolve().parent / "shapes" / "weights"
@@ -167,7 +170,8 @@ class ConceptPipeline:
         return result
 
     def _warn(self, prompt: str, concepts: list[str], settings: Settings) -> None:
-        for note in text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax):
+        notes = text_warnings(self.t5_tokenizer, self.max_length, prompt, concepts, settings.softmax)
+        for note in notes + unseen_words(concepts, world_words(self.source) if self.source else None):
             warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
 
     def _prepare(self, prompt, concepts, settings, keep_grid):
@@ -426,8 +430,10 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
-    base = PRESETS[args.preset]
+def _settings_from_args(args: argparse.Namespace, family: str = "flux") -> Settings:
+    """The preset (the family's own version of it: "official" on SD3.5 is the official SD3 recipe) with the options
+    given beside it, checked against the family."""
+    base = for_family(PRESETS[args.preset], family)
     changes = {
         "space": args.space,
         "layers": tuple(args.layers) if args.layers else None,
@@ -440,7 +446,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         changes["softmax"] = False
     if args.normalize:
         changes["normalize"] = True
-    return dataclasses.replace(base, **changes)
+    return family_settings(dataclasses.replace(base, **changes), family)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,6 +528,8 @@ class ModelFacts:
     num_steps: int = 4  # the model's default sampling steps
     block_kind: str = "double blocks"  # what `--layers` indexes
     max_size: int | None = None  # the largest side the model takes (SD3: its position table), None = any
+    known_words: frozenset[str] | None = None  # a built-in model's world (recipe.json), None for real models
+    family: str = "flux"
 
 
 def model_facts(source: str | Path) -> ModelFacts:
@@ -541,7 +549,7 @@ def model_facts(source: str | Path) -> ModelFacts:
     return ModelFacts(
         str(source), depth, embed.shape[0] if embed else 3072, ae.shape[0] if ae else 128,
         weights.t5_max_length(source), native_size(source), weights.load_t5_tokenizer(source),
-        sampling_defaults(source)[0],
+        sampling_defaults(source)[0], known_words=world_words(source),
     )  # fmt: skip
 
 
@@ -592,7 +600,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = None
     try:
-        settings = _settings_from_args(args)
         concepts = check_concepts(args.concepts)
         device = check_device(args.device)
         import weights
@@ -603,11 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         for component in ("flux", "autoencoder", "t5"):  # float16 is refused here, not after the transformer loads
             run_dtype = weights.resolve_device_dtype(component, device, dtype)[1]
         facts = model_facts(args.model)
+        settings = _settings_from_args(args, facts.family)
         size = check_arguments(args, settings, facts)
         check_size(*size)
         imaging.check_memory(*size, device, run_dtype, facts.ae_channels, facts.hidden_size, facts.max_length)
         prompt = args.prompt
-        for note in text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax):
+        notes = text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax)
+        for note in notes + unseen_words(concepts, facts.known_words):
             print(f"warning: {note}", file=sys.stderr)
         folder = OutputFolder(args.out, concepts, inputs=(args.image,) if args.command == "explain" else ())
         pipe = ConceptAttentionPipeline.from_pretrained(args.model, device, dtype, args.offload, args.memory)

@@ -170,6 +170,8 @@ def cropped_pos_embed(table: Tensor, h: int, w: int) -> Tensor:
 class SD3(nn.Module):
     """SD3.5's MM-DiT: patch embed + position table, `depth` joint blocks, adaLN final layer."""
 
+    block_lists = ("joint_blocks",)  # what the memory modes stream or store in fp8 (`mmdit.memory`)
+
     def __init__(self, config: SD3Config):
         super().__init__()
         self.config = config

@@ -39,6 +39,7 @@ import imaging
 from checks import InputWarning, check_device
 from concept_attention import NATIVE_SIZE, ConceptPipeline, memory_mode
 from mmdit import ConceptInput, ConceptSaliency
+from mmdit.memory import prepare_flux, prepare_t5
 from saliency import MapCollector, Settings
 from sampling import flow_match_schedule, get_noise
 
@@ -82,14 +83,14 @@ class SD3Pipeline(ConceptPipeline):
         self.device = check_device(device)
         self.dtype = dtype or next(transformer.parameters()).dtype
         self.memory = memory_mode(memory, False)
-        if self.memory != "full":
-            raise ValueError(f"memory mode {memory!r} is not available for SD3.5 yet; use memory='full'")
-        self.transformer, self.autoencoder, self.text = transformer.to(self.device), autoencoder.to(self.device), text
-        for name in ("clip_l", "clip_g", "t5"):
-            if getattr(text, name) is not None:
-                setattr(text, name, getattr(text, name).to(self.device))
+        self.offload = self.memory != "full"  # the text encoders wait on the CPU between uses
         if text.t5 is None:
             raise ValueError("ConceptAttention encodes concepts with T5: give the SD3 text encoders their T5")
+        self.transformer = prepare_flux(transformer, self.memory, self.device)  # any model with `block_lists`
+        self.autoencoder, self.text = autoencoder.to(self.device), text
+        text.t5 = prepare_t5(text.t5, self.memory, self.device)
+        for name in ("clip_l", "clip_g", "t5"):
+            setattr(text, name, getattr(text, name).to("cpu" if self.offload else self.device))
         self.t5, self.t5_tokenizer, self.max_length = text.t5, text.t5_tokenizer, text.max_length
         self.source, self.shift, self.native_size = source, shift, NATIVE_SIZE
         self.num_steps, self.guidance = DEFAULTS[variant(source, transformer)]
@@ -102,20 +103,25 @@ class SD3Pipeline(ConceptPipeline):
         import weights
 
         device = check_device(device)
+        memory = memory_mode(memory, offload)
         root = Path(source).parent if Path(source).is_file() else source
-        transformer = weights.load_sd3(source, device, dtype)
+        if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
+            transformer = weights.load_sd3(source, "cpu", weights.resolve_device_dtype("sd3", device, dtype)[1])
+        else:
+            transformer = weights.load_sd3(source, device, dtype)
+        text_device = "cpu" if memory != "full" else device
         text = SD3TextEncoders(
-            weights.load_clip_encoder(root, device, dtype, component="clip"),
+            weights.load_clip_encoder(root, text_device, dtype, component="clip"),
             weights.load_clip_tokenizer(root),
-            weights.load_clip_encoder(root, device, dtype, component="clip_2"),
+            weights.load_clip_encoder(root, text_device, dtype, component="clip_2"),
             weights.load_clip_tokenizer(root, component="clip_2_tokenizer"),
-            weights.load_t5_encoder(root, device, dtype, component="sd3_t5"),
+            weights.load_t5_encoder(root, text_device, dtype, component="sd3_t5"),
             weights.load_t5_tokenizer(root, component="sd3_t5_tokenizer"),
             width=transformer.config.joint_attention_dim,
         )
         autoencoder = weights.load_sd3_autoencoder(source, device, dtype)
         shift = scheduler_shift(root) if Path(str(root)).is_dir() else SHIFT
-        return cls(transformer, autoencoder, text, device, dtype, str(source), shift, memory_mode(memory, offload))
+        return cls(transformer, autoencoder, text, device, dtype, str(source), shift, memory)
 
     @property
     def depth(self) -> int:
@@ -165,6 +171,10 @@ class SD3Pipeline(ConceptPipeline):
 
     # ---- the family's hooks ----------------------------------------------------------------------------------------
     def _check_memory(self, height: int, width: int) -> None:
+        largest = 16 * self.transformer.config.pos_embed_max_size
+        if max(height, width) > largest:
+            raise ValueError(f"size {height}x{width}: this model takes at most {largest} px a side (its position "
+                             "table); give a smaller size")  # fmt: skip
         cfg = self.autoencoder.config
         imaging.check_memory(height, width, self.device, self.dtype, cfg.ch * cfg.ch_mult[0],
                              self.transformer.config.hidden_size, 77 + self.max_length)  # fmt: skip
@@ -172,11 +182,16 @@ class SD3Pipeline(ConceptPipeline):
     @torch.no_grad()
     def _conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
         """Text tokens and pooled vectors; with guidance above 1 (as diffusers), [negative; prompt] batches."""
+        encoders = [m for m in (self.text.clip_l, self.text.clip_g, self.text.t5) if m is not None]
+        for module in encoders if self.offload else ():
+            module.to(self.device)
         if guidance > 1:
             tokens, negative, pooled, negative_pooled = self.text.encode_prompt_and_negative(prompt)
             context, y = torch.cat((negative, tokens)), torch.cat((negative_pooled, pooled))
         else:
             context, y = self.text.encode_prompt(prompt)
+        for module in encoders if self.offload else ():
+            module.to("cpu")
         return {
             "context": context.to(self.dtype),
             "y": y.to(self.dtype),
@@ -236,3 +251,24 @@ def batch_row(saliency: ConceptSaliency, row: int) -> ConceptSaliency:
 def conditional_half(saliency: ConceptSaliency) -> ConceptSaliency:
     """The second (conditional) row of each space of a [unconditional; conditional] batch."""
     return batch_row(saliency, 1)
+
+
+def sd3_facts(source: str | Path):
+    """What the command line checks its arguments against, from the headers and small files of an SD3.5 snapshot."""
+    import weights
+    from concept_attention import ModelFacts
+    from weights.configs import count_blocks
+
+    tensors = weights.read_weights(weights.locate(source, "sd3"))
+    single = "model.diffusion_model.x_embedder.proj.weight"
+    depth = count_blocks(tensors, "transformer_blocks") or count_blocks(tensors, "model.diffusion_model.joint_blocks")
+    embed = tensors.get("pos_embed.proj.weight") or tensors.get(single)
+    dual = any(".attn2." in key for key in tensors)
+    name = str(source).lower()
+    steps = DEFAULTS["medium" if dual else "turbo" if "turbo" in name else "large"][0]
+    root = Path(source).parent if Path(source).is_file() else source
+    table = tensors.get("pos_embed.pos_embed") or tensors.get("model.diffusion_model.pos_embed")
+    max_size = 16 * round(table.shape[1] ** 0.5) if table else None
+    return ModelFacts(str(source), depth, embed.shape[0] if embed else 2432, 128, 256, NATIVE_SIZE,
+                      weights.load_t5_tokenizer(root, component="sd3_t5_tokenizer"), steps, "joint blocks",
+                      max_size, family="sd3")  # fmt: skip

@@ -239,6 +239,21 @@ def vocabulary() -> list[str]:
     return ["a", "and", "on", "background", *places, *SHAPES, *COLOURS, *BACKGROUNDS]
 
 
+def world_words(folder: str | Path) -> frozenset[str] | None:
+    """Every word the captions of a model folder's world can hold (its recipe's world: shapes, colours, backgrounds,
+    "background" and the place words), or None for a folder without a recipe naming a world (a real model)."""
+    path = Path(folder) / "recipe.json"
+    try:
+        world = json.loads(path.read_text()).get("world") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if world not in WORLDS:
+        return None
+    config = SceneConfig(size=32, **WORLDS[world])
+    places = ("at", "in", "the", "top", "bottom", "left", "right", "middle")
+    return frozenset(("a", "and", "on", "background", *places, *config.shapes, *config.colours, *config.backgrounds))
+
+
 def corpus(count: int = 2000) -> list[str]:
     """Captions for training the tokenizer (with and without every option), plus every vocabulary word alone."""
     config = SceneConfig(size=32, positions=0.5, colourless=0.2)

@@ -78,3 +78,13 @@ def test_cli_writes_grid_png_and_warns_on_flat_maps(tmp_path, capsys):
         maps = load_file(out / "maps.safetensors")["maps"]
         warned = "nearly flat" in capsys.readouterr().err
         assert warned == (result(maps).flat_note() is not None), space
+
+
+def test_words_the_built_in_model_never_saw_are_warned(tmp_path, capsys):
+    args = ["generate", "--model", "shapes", "--prompt", "a red circle", "--num-steps", "1", "--device", "cpu",
+            "--size", "32"]  # fmt: skip
+    assert main([*args, "--concepts", "cat", "circle", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "never saw 'cat'" in err and "circle" not in err.split("never saw")[1].split(";")[0]
+    assert main([*args, "--concepts", "red circle", "background", "--out", str(tmp_path / "b")]) == 0
+    assert "never saw" not in capsys.readouterr().err

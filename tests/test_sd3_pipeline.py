@@ -125,6 +125,9 @@ def test_command_line(snapshot, tmp_path, capsys):
     Image.new("RGB", (40, 24), "red").save(tmp_path / "in.png")
     explain = ["explain", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "e"), *common]
     assert main(explain) == 0 and (tmp_path / "e" / "overlay.png").is_file()
+    official = [*explain[:4], str(tmp_path / "o"), *common, "--preset", "official"]  # SD3's own: every block
+    assert main(official) == 0
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["settings"]["concept_encoder"] == "clip-joined"
     assert main([*explain[:4], str(tmp_path / "f"), *common, "--layers", "3"]) == 2
     assert "3 joint blocks" in capsys.readouterr().err
     too_big = ["generate", "--prompt", "a cat", "--out", str(tmp_path / "h"), *common[:-1], "2048"]
