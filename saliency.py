@@ -372,7 +372,8 @@ class ConceptResult:
         width: 1 after the softmax; without it, the largest magnitude of any map). None otherwise."""
         lo, hi = self.scale()
         width = 1.0 if self.settings.softmax else max(abs(lo), abs(hi), 1e-12)
-        ranges = (self.maps.amax(dim=(1, 2)) - self.maps.amin(dim=(1, 2))).tolist()
+        flat = self.maps.flatten(1)  # (C, everything else): images and videos alike
+        ranges = (flat.amax(dim=1) - flat.amin(dim=1)).tolist()
         if max(ranges) >= spread * width:
             return None
         return (
@@ -417,6 +418,18 @@ class ConceptResult:
         """The file `explain` read the image from (None for a generated image, a PIL image or a tensor)."""
         path = self.image.info.get(imaging.SOURCE_KEY)
         return Path(path) if path else None
+
+    def write_files(self, folder: Path, stems: list[str]) -> None:
+        """image.png, overlay.png, grid.png (with the grid), heatmaps/ and masks/ (a file per concept, named `stems`)
+        into `folder`; `OutputFolder.write` adds maps.safetensors and settings.json."""
+        self.image.save(folder / "image.png")
+        self.overlay().save(folder / "overlay.png")
+        if self.grid is not None:
+            self.grid_image().save(folder / "grid.png")
+        masks = self.masks("mean")
+        for i, (stem, heat) in enumerate(zip(stems, self.heatmaps(), strict=True)):
+            heat.save(folder / "heatmaps" / f"{stem}.png")
+            Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(folder / "masks" / f"{stem}.png")
 
     def save(self, out: str | Path) -> Path:
         """Write image.png, overlay.png, heatmaps/, masks/, maps.safetensors and settings.json as the folder `out`:
@@ -612,17 +625,11 @@ class OutputFolder:
             )
 
     def write(self, result: ConceptResult) -> Path:
-        """Write every file of `result` into the temporary folder, then move it into place as `out`."""
+        """Write every file of `result` (its `write_files`) into the temporary folder, with settings.json, then move it
+        into place as `out`."""
         try:
             tmp = self.tmp
-            result.image.save(tmp / "image.png")
-            result.overlay().save(tmp / "overlay.png")
-            if result.grid is not None:
-                result.grid_image().save(tmp / "grid.png")
-            masks = result.masks("mean")
-            for i, (stem, heat) in enumerate(zip(self.stems, result.heatmaps(), strict=True)):
-                heat.save(tmp / "heatmaps" / f"{stem}.png")
-                Image.fromarray(masks[i].numpy().astype("uint8") * 255).save(tmp / "masks" / f"{stem}.png")
+            result.write_files(tmp, self.stems)
             tensors = {"maps": result.maps.contiguous()}
             tensors.update({f"grid.{k}": v.contiguous() for k, v in (result.grid or {}).items()})
             save_file(tensors, tmp / "maps.safetensors", metadata={"concepts": json.dumps(result.concepts)})
