@@ -138,6 +138,8 @@ COMPONENTS: dict[str, Component] = {
             ),
         ),
     ),
+    # CogVideoX (THUDM/CogVideoX-2b, -5b): diffusers folders only
+    "cogvideox": Component("CogVideoX transformer", (Layout("folder", "transformer", "diffusion_pytorch_model"),)),
 }
 
 
