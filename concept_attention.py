@@ -174,6 +174,10 @@ class ConceptPipeline:
         for note in notes + unseen_words(concepts, world_words(self.source) if self.source else None):
             warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
 
+    def _sample(self, velocity, latents: Tensor, timesteps: list, seed: int, progress: bool) -> Tensor:
+        """The sampling loop over `timesteps`: Euler steps of the flow (Flux, SD3.5); other families replace it."""
+        return denoise(velocity, latents, timesteps, progress=progress)
+
     def _prepare(self, prompt, concepts, settings, keep_grid):
         """Checks, warnings, concept tokens and the collector shared by generate and explain."""
         layers = self._layers(settings, keep_grid)
@@ -219,7 +223,7 @@ class ConceptPipeline:
                 collector.add(saliency)
             return out
 
-        latents = denoise(velocity, latents, timesteps, progress=progress)
+        latents = self._sample(velocity, latents, timesteps, seed, progress)
         image = self._decode(latents, height, width)
         record = {"mode": "generate", "model": self.source, "family": self.family, "prompt": prompt,
                   "height": height, "width": width, "num_steps": num_steps, "seed": seed,
@@ -333,10 +337,15 @@ class ConceptAttentionPipeline(ConceptPipeline):
 
         if str(source) == "shapes":
             source = BUILTIN_MODEL
-        if weights.family(source) == "sd3":
+        family = weights.family(source)
+        if family == "sd3":
             from sd3.pipeline import SD3Pipeline
 
             return SD3Pipeline.from_pretrained(source, device, dtype, offload, memory)
+        if family == "cogvideox":
+            from cogvideox.pipeline import CogVideoXPipeline
+
+            return CogVideoXPipeline.from_pretrained(source, device, dtype, offload, memory)
         device = check_device(device)
         memory = memory_mode(memory, offload)
         text_device = "cpu" if memory != "full" else device
@@ -457,11 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-steps", type=int, default=None,
                      help="sampling steps (default: the model's own: 4 for schnell and SD3.5 Large Turbo, 28 for "
                      "SD3.5 Large, 40 for Medium, 50 for shapes)")  # fmt: skip
+    gen.add_argument("--frames", type=int, default=49,
+                     help="CogVideoX: frames of the video, 1 + 4k (default 49); image models ignore it")  # fmt: skip
     gen.add_argument("--guidance", type=float, default=None,
                      help="SD3.5: classifier-free guidance scale, none at or below 1 (default: the model card's: 0 for "
                      "Large Turbo, 3.5 Large, 4.5 Medium); FLUX.1-dev: its distilled guidance (3.5)")  # fmt: skip
     exp = sub.add_parser("explain", help="concept maps for a given image")
-    exp.add_argument("--image", required=True, help="PNG/JPEG file")
+    exp.add_argument("--image", help="PNG/JPEG file (image models)")
+    exp.add_argument("--video", help="a clip for CogVideoX: an animated GIF/WebP or a folder of frames")
     exp.add_argument("--prompt", default="", help="caption used as the prompt (default: empty)")
     exp.add_argument("--t", type=float, default=0.5, help="noise level of the single forward (default 0.5)")
     exp.add_argument("--samples", type=int, default=1, help="noise draws averaged (seeds seed..seed+n-1)")
@@ -530,6 +542,7 @@ class ModelFacts:
     max_size: int | None = None  # the largest side the model takes (SD3: its position table), None = any
     known_words: frozenset[str] | None = None  # a built-in model's world (recipe.json), None for real models
     family: str = "flux"
+    native_shape: tuple[int, int] | None = None  # height, width of a generated result when not square (CogVideoX)
 
 
 def model_facts(source: str | Path) -> ModelFacts:
@@ -538,10 +551,15 @@ def model_facts(source: str | Path) -> ModelFacts:
     from weights.configs import count_blocks
 
     source = BUILTIN_MODEL if str(source) == "shapes" else source
-    if weights.family(source) == "sd3":
+    family = weights.family(source)
+    if family == "sd3":
         from sd3.pipeline import sd3_facts
 
         return sd3_facts(source)
+    if family == "cogvideox":
+        from cogvideox.pipeline import cogvideox_facts
+
+        return cogvideox_facts(source)
     flux = weights.read_weights(weights.locate(source, "flux"))
     depth = count_blocks(flux, "double_blocks") or count_blocks(flux, "transformer_blocks")
     embed = flux.get("img_in.weight") or flux.get("x_embedder.weight")
@@ -584,8 +602,19 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
         raise ValueError(f"{given} {list(settings.layers)}: this model has {facts.depth} {facts.block_kind} "
                          f"(0..{facts.depth - 1}){fix}")  # fmt: skip
     if args.command == "generate":
-        return args.size or (facts.native_size, facts.native_size)
-    image = imaging.load_image(args.image)
+        return args.size or facts.native_shape or (facts.native_size, facts.native_size)
+    if (args.image is None) == (args.video is None):
+        raise ValueError("explain needs --image FILE (image models) or --video CLIP (CogVideoX), one of them")
+    if (args.video is not None) != (facts.family == "cogvideox"):
+        given = "--video" if args.video is not None else "--image"
+        raise ValueError(f"{given} does not fit the model {facts.source} ({facts.family}): give "
+                         f"{'--image' if given == '--video' else '--video'}")  # fmt: skip
+    if args.video is not None:
+        from video import load_video
+
+        image = load_video(args.video, max_frames=1)[0]
+    else:
+        image = imaging.load_image(args.image)
     if args.size is not None:
         return args.size
     size = imaging.auto_size(image.height, image.width, facts.native_size)
@@ -618,15 +647,18 @@ def main(argv: list[str] | None = None) -> int:
         notes = text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax)
         for note in notes + unseen_words(concepts, facts.known_words):
             print(f"warning: {note}", file=sys.stderr)
-        folder = OutputFolder(args.out, concepts, inputs=(args.image,) if args.command == "explain" else ())
+        inputs = tuple(p for p in (getattr(args, "image", None), getattr(args, "video", None)) if p is not None)
+        folder = OutputFolder(args.out, concepts, inputs=inputs)
         pipe = ConceptAttentionPipeline.from_pretrained(args.model, device, dtype, args.offload, args.memory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InputWarning)  # already printed above
             if args.command == "generate":
+                frames = {"num_frames": args.frames} if facts.family == "cogvideox" else {}
                 result = pipe.generate(prompt, concepts, size[0], size[1], args.num_steps, args.seed, settings,
-                                       keep_grid=args.grid, guidance=args.guidance)  # fmt: skip
+                                       keep_grid=args.grid, guidance=args.guidance, **frames)  # fmt: skip
             else:
-                result = pipe.explain(args.image, concepts, prompt, args.t, args.samples, args.seed, settings,
+                source = args.video or args.image
+                result = pipe.explain(source, concepts, prompt, args.t, args.samples, args.seed, settings,
                                       keep_grid=args.grid, size=args.size, guidance=args.guidance)  # fmt: skip
         result.record.update(device=str(device), dtype=str(pipe.dtype).removeprefix("torch."), memory=pipe.memory)
         out = folder.write(result)
@@ -642,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             folder.discard()
     done = "replaced the earlier result in" if folder.replaces else "wrote"
     grid = "grid.png, " if result.grid is not None else ""
-    print(f"{done} {out}/: image.png, overlay.png, {grid}heatmaps/, masks/, maps.safetensors, settings.json")
+    pictures = "video.webp, contact_sheet.png" if facts.family == "cogvideox" else f"image.png, overlay.png, {grid}"
+    print(f"{done} {out}/: {pictures.rstrip(', ')}, heatmaps/, masks/, maps.safetensors, settings.json")
     return 0
 
 

@@ -49,3 +49,17 @@ def load_cogvideox_transformer(source: str | Path, device=None, dtype=None) -> c
     found = locate(source, "cogvideox")
     config = cogvideox_config_from_diffusers(read_config(found) or {}, found.where)
     return build(cogvideox.CogVideoX, config, "cogvideox", found, read_weights(found), (), device, dtype)
+
+
+def load_cogvideox_autoencoder(source: str | Path, device=None, dtype=None):
+    """CogVideoX's 3D autoencoder from a snapshot's `vae/` (AutoencoderKLCogVideoX: names kept, no table)."""
+    from cogvideox.autoencoder import VideoAutoEncoder, VideoAutoEncoderConfig
+
+    from . import build
+
+    found = locate(source, "cogvideox_autoencoder")
+    try:
+        config = VideoAutoEncoderConfig.from_diffusers(read_config(found) or {})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{found.where}: {error}") from None
+    return build(VideoAutoEncoder, config, "cogvideox_autoencoder", found, read_weights(found), (), device, dtype)

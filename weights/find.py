@@ -140,6 +140,11 @@ COMPONENTS: dict[str, Component] = {
     ),
     # CogVideoX (THUDM/CogVideoX-2b, -5b): diffusers folders only
     "cogvideox": Component("CogVideoX transformer", (Layout("folder", "transformer", "diffusion_pytorch_model"),)),
+    "cogvideox_autoencoder": Component("CogVideoX autoencoder", (Layout("folder", "vae", "diffusion_pytorch_model"),)),
+    "cogvideox_t5": Component("T5 text encoder", (Layout("folder", "text_encoder", "model"),)),
+    "cogvideox_t5_tokenizer": Component(
+        "T5 tokenizer", (Layout("tokenizer", "tokenizer", needs=(("spiece.model",), ("tokenizer.json",))),)
+    ),
 }
 
 

@@ -31,7 +31,8 @@ from .find import cached_snapshot, hub_cache_dir, hub_offline, locate
 SINGLE_FILE_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
 FAMILIES = {"FluxPipeline": "flux", "FluxTransformer2DModel": "flux", "StableDiffusion3Pipeline": "sd3",
-            "SD3Transformer2DModel": "sd3"}  # fmt: skip
+            "SD3Transformer2DModel": "sd3", "CogVideoXPipeline": "cogvideox",
+            "CogVideoXTransformer3DModel": "cogvideox"}  # fmt: skip
 
 
 def family_of_keys(keys) -> str | None:
@@ -63,7 +64,7 @@ def family_of_folder(folder: Path) -> str | None:
 
 
 def family(source: str | Path) -> str:
-    """Which model family a source holds: "flux" (FLUX.1, the built-in shapes model) or "sd3" (SD3.5)."""
+    """Which model family a source holds: "flux" (FLUX.1, the built-in shapes model), "sd3" (SD3.5) or "cogvideox"."""
     path = Path(source).expanduser()
     if path.is_file():
         from .find import Found, Layout

@@ -1,0 +1,256 @@
+"""ConceptAttention on CogVideoX (2B, 5B): the video family's answers to `concept_attention.ConceptPipeline`.
+
+Follows diffusers' `CogVideoXPipeline` for sampling (tested to give its frames on tiny random weights): T5 prompt
+tokens (226, padded), seeded latents (B, 1 + (frames - 1) / 4, 16, H/8, W/8), v-prediction DDIM (2B) or SDE-DPM-Solver++
+(5B) over trailing timesteps with the noise drawn from the seed's generator in diffusers' order, classifier-free
+guidance above a scale of 1 with the negative prompt "", the 3D autoencoder's chunked decode. Differs in:
+- concepts (T5-encoded one at a time, as on Flux) go through the text projection and the text half of every block's
+  expert norms, attend to [concepts; video] and never change the video; under guidance they ride along both halves
+  and the maps are the conditional half's; maps are [C, latent frames, h, w], with a per-frame view (`VideoResult`);
+- no guidance (scale 0 or 1) runs one batch (the official pipeline needs guidance);
+- `explain` takes a clip (frames), encodes it with the autoencoder's posterior mean, noises it to the timestep
+  round(t * 999) of the training schedule (x_t = sqrt(a) x_0 + sqrt(1 - a) noise) and runs one forward per sample
+  that stops after the last block that reports; the frames are resized to a size the model takes and cut to 1 + 4k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+import imaging
+from checks import check_count, check_device
+from concept_attention import ConceptPipeline, check_guidance, memory_mode
+from mmdit import ConceptInput, ConceptSaliency
+from saliency import MapCollector, Settings, check_concepts
+from sampling import check_size
+from video import TIME_FACTOR, VideoResult
+
+from .autoencoder import VideoAutoEncoder
+from .model import CogVideoX
+from .sampling import NoiseSchedule, ddim_step, dpm_step
+
+NATIVE = (480, 720)  # height, width of the training videos
+FRAMES = 49  # frames of the training videos (13 latent frames)
+MAX_LENGTH = 226  # T5 tokens of the prompt
+STEPS, GUIDANCE = 50, 6.0  # CogVideoXPipeline's defaults
+
+
+def check_frames(frames) -> int:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % TIME_FACTOR:
+        below = 1 + TIME_FACTOR * ((frames - 1) // TIME_FACTOR) if isinstance(frames, int) and frames > 1 else 1
+        raise ValueError(f"frames = {frames!r}: CogVideoX takes 1 + 4k frames (1, 5, 9, ..., 49); use {below} or "
+                         f"{below + TIME_FACTOR}")  # fmt: skip
+    return frames
+
+
+class CogVideoXPipeline(ConceptPipeline):
+    """CogVideoX's transformer, 3D autoencoder and T5, with ConceptAttention maps from the same forwards."""
+
+    family = "cogvideox"
+    block_kind = "blocks"
+
+    def __init__(self, transformer: CogVideoX, autoencoder: VideoAutoEncoder, t5, t5_tokenizer,
+                 schedule: NoiseSchedule, device=None, dtype=None, source: str = "custom", memory: str = "full",
+                 max_length: int = MAX_LENGTH):  # fmt: skip
+        self.device = check_device(device)
+        self.dtype = dtype or next(transformer.parameters()).dtype
+        self.memory = memory_mode(memory, False)
+        if self.memory not in ("full", "offload"):
+            raise ValueError(f"memory mode {memory!r} is not available for CogVideoX yet; use full or offload")
+        self.offload = self.memory != "full"
+        self.transformer, self.autoencoder = transformer.to(self.device), autoencoder.to(self.device)
+        self.t5 = t5.to("cpu" if self.offload else self.device)
+        self.t5_tokenizer, self.max_length, self.schedule = t5_tokenizer, max_length, schedule
+        self.source, self.num_steps, self.guidance = source, STEPS, GUIDANCE
+        self.native_size = max(NATIVE)
+        self.num_frames = FRAMES
+        self._frames = FRAMES  # the frame count of the run under way
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device=None, dtype=None, offload: bool = False,
+                        memory: str = "full"):  # fmt: skip
+        """Every component from a hub repo id (THUDM/CogVideoX-2b, -5b) or a snapshot folder (diffusers layout)."""
+        import weights
+        from weights.cogvideox import load_cogvideox_autoencoder, load_cogvideox_transformer
+
+        device = check_device(device)
+        memory = memory_mode(memory, offload)
+        transformer = load_cogvideox_transformer(source, device, dtype)
+        autoencoder = load_cogvideox_autoencoder(source, device, dtype)
+        text_device = "cpu" if memory != "full" else device
+        t5 = weights.load_t5_encoder(source, text_device, dtype, component="cogvideox_t5")
+        tokenizer = weights.load_t5_tokenizer(source, component="cogvideox_t5_tokenizer")
+        found = weights.locate(source, "cogvideox")
+        schedule_file = found.root / "scheduler" / "scheduler_config.json"
+        schedule = NoiseSchedule.from_file(schedule_file) if schedule_file.is_file() else NoiseSchedule()
+        return cls(transformer, autoencoder, t5, tokenizer, schedule, device, dtype, str(source), memory)
+
+    @property
+    def depth(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, concepts: list[str], height: int | None = None, width: int | None = None,
+                 num_steps: int | None = None, seed: int = 0, settings: Settings = Settings(),
+                 keep_grid: bool = False, guidance: float | None = None, progress: bool = True,
+                 num_frames: int | None = None) -> VideoResult:  # fmt: skip
+        """A video of `num_frames` frames (default 49) at height x width (default 480 x 720), as CogVideoXPipeline
+        samples it, and the concept maps [C, latent frames, h, w]. See `ConceptPipeline.generate`."""
+        self._frames = check_frames(self.num_frames if num_frames is None else num_frames)
+        height = NATIVE[0] if height is None else height
+        width = NATIVE[1] if width is None else width
+        return super().generate(prompt, concepts, height, width, num_steps, seed, settings, keep_grid, guidance,
+                                progress)  # fmt: skip
+
+    # ---- the family's hooks ----------------------------------------------------------------------------------------
+    def _check_memory(self, height: int, width: int) -> None:
+        """The image estimate with the latent frames stacked: the tokens grow with the frames."""
+        latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
+        cfg = self.autoencoder.config
+        imaging.check_memory(height * latent_frames, width, self.device, self.dtype, cfg.block_out_channels[0],
+                             self.transformer.config.inner_dim, self.max_length)  # fmt: skip
+
+    @torch.no_grad()
+    def _conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
+        texts = ["", prompt] if guidance > 1 else [prompt]
+        context = self._text(self.t5, self.t5_tokenizer(texts, max_length=self.max_length)).to(self.dtype)
+        return {"context": context, "guidance": guidance if guidance > 1 else None}
+
+    def _explain_conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
+        return self._conditioning(prompt, 0.0, height, width)
+
+    _uses_explain_guidance = False
+
+    def _initial_latents(self, height: int, width: int, seed: int, generator=None) -> Tensor:
+        check_size(height, width)
+        shape = (1, 1 + (self._frames - 1) // TIME_FACTOR, self.transformer.config.in_channels, height // 8, width // 8)
+        generator = generator or torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)  # (1, F, Z, h, w)
+
+    def _timesteps(self, num_steps: int, latents: Tensor) -> list[int]:
+        return self.schedule.timesteps(num_steps)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict, concepts: ConceptInput | None):
+        guided = cond["guidance"] is not None
+        if guided:
+            x, t = torch.cat((x, x)), torch.cat((t, t))
+            if concepts is not None:
+                concepts = dataclasses.replace(concepts, txt=concepts.txt.expand(2, -1, -1))
+        out = self.transformer(x, t, cond["context"], concepts=concepts)
+        v = (out if concepts is None else out.prediction).float()
+        if guided:
+            uncond, cond_v = v.chunk(2)
+            v = uncond + cond["guidance"] * (cond_v - uncond)
+        if concepts is None:
+            return v, None
+        saliency = {i: second_half(s) for i, s in out.saliency.items()} if guided else out.saliency
+        return v, saliency
+
+    def _sample(self, velocity, latents: Tensor, timesteps: list[int], seed: int, progress: bool) -> Tensor:
+        """DDIM or DPM steps as CogVideoXPipeline: the DPM noise comes from the generator that drew the latents."""
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        torch.randn(latents.shape, generator=generator)  # the draw of the starting latents, as diffusers' order
+        alphas = self.schedule.alphas_cumprod()
+        num_steps, previous_x0 = len(timesteps), None
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
+            t_vec = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.int64)
+            v = velocity(latents, t_vec)
+            if self.schedule.sampler == "ddim":
+                latents = ddim_step(self.schedule, alphas, v, t, latents.float(), num_steps)
+            else:
+                back = timesteps[i - 1] if i > 0 else None
+                latents, previous_x0 = dpm_step(self.schedule, alphas, v, previous_x0, t, back, latents.float(),
+                                                num_steps, generator)  # fmt: skip
+            latents = latents.to(self.dtype)
+        return latents
+
+    def _decode(self, latents: Tensor, height: int, width: int) -> list[Image.Image]:
+        z = latents.permute(0, 2, 1, 3, 4).to(next(self.autoencoder.parameters()).dtype)  # (1, Z, F, h, w)
+        video = self.autoencoder.decode(z)[0]  # (3, frames, H, W)
+        return [imaging.to_pil(video[:, i]) for i in range(video.shape[1])]
+
+    def _result(self, frames, concepts, collector: MapCollector, height, width, settings, record) -> VideoResult:
+        latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
+        h, w = height // 16, width // 16
+        if collector.keep_grid:
+            raise ValueError("keep_grid is not available for videos yet")
+        maps = (collector.total / collector.count).reshape(len(concepts), latent_frames, h, w)
+        record = {**record, "frames": len(frames), "latent_frames": latent_frames}
+        return VideoResult(frames[0], concepts, maps, settings, record, collector.layers, None, frames=frames)
+
+    # ---- explain: a clip ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def explain(self, video, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
+                seed: int = 0, settings: Settings = Settings(), keep_grid: bool = False,
+                size: tuple[int, int] | None = None, progress: bool = True,
+                guidance: float | None = None) -> VideoResult:  # fmt: skip
+        """Maps for a given clip: a path (animated GIF/WebP, a folder of frames) or a list of PIL frames. The frames
+        are cut to 1 + 4k and resized to `size` (default: the first frame's, long side at most 720, multiples of 16)."""
+        from video import load_video
+
+        concepts = check_concepts(concepts)
+        check_count(num_samples, "num_samples", 1)
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 1:
+            raise ValueError(f"t = {t!r}: the noise level must lie in [0, 1]")
+        if guidance is not None:
+            check_guidance(guidance)
+        frames = load_video(video) if isinstance(video, (str, Path)) else list(video)
+        if not frames or not all(isinstance(f, Image.Image) for f in frames):
+            raise ValueError("video must be a path or a non-empty list of PIL images")
+        frames = frames[: 1 + TIME_FACTOR * ((len(frames) - 1) // TIME_FACTOR)]
+        self._frames = len(frames)
+        size = size or imaging.auto_size(frames[0].height, frames[0].width, self.native_size)
+        check_size(*size)
+        frames = [imaging.to_rgb(f).resize((size[1], size[0]), Image.BICUBIC) for f in frames]
+        height, width = size
+        if settings.steps is not None and max(settings.steps) >= num_samples:
+            raise ValueError(f"steps {list(settings.steps)} select noise samples; there are only {num_samples}")
+        self._check_memory(height, width)
+        collector, concept_input = self._prepare(prompt, concepts, settings, keep_grid)
+        cond = self._explain_conditioning(prompt, 0.0, height, width)
+        clip = torch.stack([imaging.to_tensor(f) * 2 - 1 for f in frames], dim=1)[None]  # (1, 3, F, H, W)
+        ae_dtype = next(self.autoencoder.parameters()).dtype
+        z0 = self.autoencoder.encode(clip.to(self.device, ae_dtype)).permute(0, 2, 1, 3, 4).float()  # (1, F', Z, h, w)
+        timestep = round(t * (self.schedule.num_train_timesteps - 1))
+        alpha = self.schedule.alphas_cumprod()[timestep].float()
+        t_vec = torch.full((1,), timestep, device=self.device, dtype=torch.int64)
+        for i in range(num_samples):
+            noise = self._initial_latents(height, width, seed + i).float()
+            x_t = (alpha.sqrt() * z0 + (1 - alpha).sqrt() * noise).to(self.dtype)
+            if collector.wants(i):
+                out = self.transformer(x_t, t_vec, cond["context"], concepts=concept_input, stop_after_concepts=True)
+                collector.add(out.saliency)
+        record = {"mode": "explain", "model": self.source, "family": self.family, "prompt": prompt,
+                  "height": height, "width": width, "t": t, "timestep": timestep, "num_samples": num_samples,
+                  "seed": seed}  # fmt: skip
+        return self._result(frames, concepts, collector, height, width, settings, record)
+
+
+def second_half(saliency: ConceptSaliency) -> ConceptSaliency:
+    """The conditional rows of each space of an [unconditional; conditional] batch."""
+    return ConceptSaliency(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[1:]
+                              for f in dataclasses.fields(saliency)})  # fmt: skip
+
+
+def cogvideox_facts(source: str | Path):
+    """What the command line checks its arguments against, from the headers and small files of a CogVideoX
+    snapshot (no weights read)."""
+    import weights
+    from concept_attention import ModelFacts
+    from weights.configs import count_blocks
+
+    found = weights.locate(source, "cogvideox")
+    tensors = weights.read_weights(found)
+    embed = tensors.get("patch_embed.proj.weight")
+    return ModelFacts(
+        str(source), count_blocks(tensors, "transformer_blocks"), embed.shape[0] if embed else 3072, 128, MAX_LENGTH,
+        max(NATIVE), weights.load_t5_tokenizer(source, component="cogvideox_t5_tokenizer"), STEPS, "blocks",
+        family="cogvideox", native_shape=NATIVE,
+    )  # fmt: skip

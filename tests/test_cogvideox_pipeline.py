@@ -1,0 +1,93 @@
+"""The CogVideoX pipeline end to end on tiny random weights: a diffusers `CogVideoXPipeline` saved with
+`save_pretrained` loads into ours (the family read from model_index.json), and our `generate` gives diffusers' frames
+for the same seed (2B-like: sin-cos positions and DDIM; 5B-like: RoPE and the stochastic DPM sampler; with and without
+guidance) while collecting concept maps [C, latent frames, h, w]; `explain` takes a clip."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_sd3_text import t5_reference
+
+import t5
+from concept_attention import ConceptAttentionPipeline
+from tiny import random_state, train_spiece
+
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+
+T5_CONFIG = t5.CONFIGS["tiny"]
+TEXT = 7  # T5 tokens of a prompt: the tiny transformer's max_text_seq_length
+
+
+def snapshot(folder, rope: bool):
+    """A tiny CogVideoX snapshot written by diffusers: 2B-like (sin-cos, DDIM, SNR shift 3) or 5B-like (RoPE, DPM)."""
+    tokenizer = folder.parent / f"{folder.name}-tokenizer"
+    train_spiece(tokenizer)
+    encoder = t5_reference(T5_CONFIG)
+    encoder.load_state_dict(random_state(t5.T5Encoder(T5_CONFIG), seed=2), strict=False)
+    torch.manual_seed(0)
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32,
+        text_embed_dim=T5_CONFIG.d_model, num_layers=3, sample_width=6, sample_height=4, sample_frames=5,
+        max_text_seq_length=TEXT, use_rotary_positional_embeddings=rope,
+    )  # fmt: skip
+    with torch.no_grad():
+        for key, p in transformer.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
+    vae = diffusers.AutoencoderKLCogVideoX(
+        block_out_channels=(16, 32, 32, 64), layers_per_block=1, latent_channels=16, norm_num_groups=8,
+        scaling_factor=0.7 if rope else 1.15258426,
+    )  # fmt: skip
+    cls = diffusers.CogVideoXDPMScheduler if rope else diffusers.CogVideoXDDIMScheduler
+    scheduler = cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                    snr_shift_scale=1.0 if rope else 3.0, timestep_spacing="trailing")  # fmt: skip
+    pipe = diffusers.CogVideoXPipeline(
+        tokenizer=transformers.T5TokenizerFast.from_pretrained(str(tokenizer)), text_encoder=encoder.eval(),
+        vae=vae.eval(), transformer=transformer.eval(), scheduler=scheduler,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    shutil.copytree(tokenizer, folder / "tokenizer", dirs_exist_ok=True)  # our tokenizer reads spiece.model
+    return pipe
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["2b-like", "5b-like"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cogvideox") / "tiny-cogvideox"
+    reference = snapshot(folder, request.param)
+    ours = ConceptAttentionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    ours.max_length = TEXT
+    return ours, reference
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0], ids=["plain", "cfg"])
+def test_generate_gives_diffusers_frames(pair, guidance):
+    ours, reference = pair
+    prompt, height, width, frames, steps = "a red cat on the grass", 32, 48, 5, 3
+    result = ours.generate(prompt, ["cat", "grass"], height, width, steps, seed=5, guidance=guidance, progress=False,
+                           num_frames=frames)  # fmt: skip
+    expected = reference(
+        prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(5), output_type="np", max_sequence_length=TEXT,
+    ).frames[0]  # fmt: skip  # (frames, H, W, 3) in [0, 1]
+    ours_frames = np.stack([np.asarray(f, dtype=np.int32) for f in result.frames])
+    theirs = np.round(expected * 255).astype(np.int32)
+    diff = np.abs(ours_frames - theirs).max()
+    print(f"{type(reference.scheduler).__name__}, guidance {guidance}: max pixel difference {diff} (of 255)")
+    assert ours_frames.shape == theirs.shape and diff <= 1
+    assert result.maps.shape == (2, 2, height // 16, width // 16)  # 5 frames -> 2 latent frames
+    assert torch.allclose(result.maps.sum(0), torch.ones(2, height // 16, width // 16))
+
+
+def test_explain_a_clip(pair, tmp_path):
+    from PIL import Image
+
+    ours, _ = pair
+    clip = [Image.new("RGB", (48, 32), (30 * i, 80, 160)) for i in range(7)]  # cut to 5 frames (1 + 4k)
+    result = ours.explain(clip, ["cat", "sky", "grass"], "a cat", t=0.4, num_samples=2, progress=False)
+    assert result.maps.shape == (3, 2, 2, 3) and len(result.frames) == 5
+    assert result.record["timestep"] == round(0.4 * 999)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        ours.generate("x", ["a", "b"], 32, 32, 1, num_frames=4, progress=False)
