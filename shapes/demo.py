@@ -31,14 +31,23 @@ PROMPTS = {  # per world (shapes.scenes.WORLDS): two shapes, their colours and p
 }  # fmt: skip
 
 
+def python() -> str:
+    """This interpreter as a user types it: `.venv/bin/python` from the repository, else its absolute path."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def command(argv: list[str]) -> int:
-    print("$ python concept_attention.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    print(f"$ {python()} concept_attention.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
     return concept_attention.main(argv)
 
 
 def main(out: str = "out/demo") -> int:
     if not (BUILTIN_MODEL / "recipe.json").is_file():
-        print(f"error: the built-in model is missing from {BUILTIN_MODEL}; train it with `python -m shapes.train`")
+        print(f"error: the built-in model is missing from {BUILTIN_MODEL}; train it with `{python()} -m shapes.train`")
         return 2
     config = model_scenes(BUILTIN_MODEL)  # the world the model was trained on, at its size
     size = config.size
