@@ -602,6 +602,10 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
         raise ValueError(f"{given} {list(settings.layers)}: this model has {facts.depth} {facts.block_kind} "
                          f"(0..{facts.depth - 1}){fix}")  # fmt: skip
     if args.command == "generate":
+        if facts.family == "cogvideox":
+            from cogvideox.pipeline import check_frames
+
+            check_frames(args.frames)
         return args.size or facts.native_shape or (facts.native_size, facts.native_size)
     if (args.image is None) == (args.video is None):
         raise ValueError("explain needs --image FILE (image models) or --video CLIP (CogVideoX), one of them")

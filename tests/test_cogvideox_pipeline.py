@@ -91,3 +91,31 @@ def test_explain_a_clip(pair, tmp_path):
     assert result.record["timestep"] == round(0.4 * 999)
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         ours.generate("x", ["a", "b"], 32, 32, 1, num_frames=4, progress=False)
+
+
+def test_command_line(pair, tmp_path, capsys):
+    """generate --frames and explain --video on a CogVideoX snapshot; a frame count the VAE cannot take and an image
+    given to a video model are refused in one line."""
+    import json
+
+    from PIL import Image
+
+    from concept_attention import main
+
+    ours, _ = pair
+    common = ["--model", ours.source, "--concepts", "cat", "grass", "--device", "cpu", "--size", "32x48"]
+    out = tmp_path / "g"
+    argv = ["generate", "--prompt", "a cat", "--frames", "5", "--num-steps", "2", "--out", str(out), *common]
+    assert main(argv) == 0
+    assert (out / "video.webp").is_file() and (out / "contact_sheet.png").is_file()
+    assert json.loads((out / "settings.json").read_text())["latent_frames"] == 2
+    assert "video.webp, contact_sheet.png" in capsys.readouterr().out
+    frames = [Image.new("RGB", (48, 32), (40 * i, 90, 120)) for i in range(5)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert main(["explain", "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path / "e"), *common]) == 0
+    assert main(["generate", "--prompt", "x", "--frames", "6", "--out", str(tmp_path / "b"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "1 + 4k" in err and "denoising" not in err  # refused before any weights load
+    Image.new("RGB", (48, 32)).save(tmp_path / "one.png")
+    assert main(["explain", "--image", str(tmp_path / "one.png"), "--out", str(tmp_path / "c"), *common]) == 2
+    assert "--video" in capsys.readouterr().err.splitlines()[-1]
