@@ -329,9 +329,10 @@ print(f"section 2-4 took {RUN_SECONDS:.0f} s for {len(methods)} methods x {resul
 # - **the weights**: `black-forest-labs/FLUX.1-schnell` from the Hugging Face hub (about 34 GB in bfloat16: the
 #   transformer about 24 GB, the T5-XXL encoder about 9.5 GB, CLIP and the autoencoder under 0.5 GB);
 #   `ConceptAttentionPipeline.from_pretrained` downloads them into the hub cache on first use;
-# - **a GPU with about 40 GB or more** to hold everything in bfloat16 (A100 40/80 GB, L40S, H100). With
-#   `offload=True` the text encoders stay on the CPU between uses (about 10 GB less on the GPU), but the transformer
-#   alone is about 24 GB (22 GiB), so a 24 GB card is at its limit: we have not tried it;
+# - **a GPU**, with the memory mode that fits it (`REAL_MEMORY` below; estimates of the weights on the GPU at the
+#   peak, not measurements, from `docs/memory.md`): `"full"` 33.7 GB and `"offload"` 33.5 GB (T5 visits while the
+#   transformer stays) want a 40 GB card or more; `"fp8"` (13.5 GB) fits a 24 GB card and `"stream"` (3.6 GB, the
+#   blocks streamed from host memory, slower) a 16 GB one; activations add roughly 1-3 GB at 1024 x 1024;
 # - **the dataset**: `gtsegs_ijcv.mat` (ImageNet-Segmentation, 4,276 images; `segmentation/datasets.py` says where to
 #   get it), or PASCAL VOC 2012 with `VOCSegmentation` and `PROTOCOLS["paper-voc-single"]`.
 #
@@ -346,6 +347,7 @@ print(f"section 2-4 took {RUN_SECONDS:.0f} s for {len(methods)} methods x {resul
 # %%
 RUN_REAL = False  # set True on a GPU machine with the weights and the dataset
 REAL_MODEL = "black-forest-labs/FLUX.1-schnell"
+REAL_MEMORY = "full"  # "full", "offload", "stream" or "fp8": see the list above
 REAL_DATA = Path("~/data/gtsegs_ijcv.mat").expanduser()
 REAL_OUT = ROOT / "runs" / "imagenet-spaces"
 REAL_LIMIT = 500  # images (None = all 4,276); start small
@@ -365,7 +367,8 @@ print(f"{len(REAL_METHODS)} methods, {images} images: {forwards:,} explain forwa
 
 # %%
 if RUN_REAL:
-    real_pipe = ConceptAttentionPipeline.from_pretrained(REAL_MODEL, device="cuda", dtype=torch.bfloat16)
+    real_pipe = ConceptAttentionPipeline.from_pretrained(REAL_MODEL, device="cuda", dtype=torch.bfloat16,
+                                                         memory=REAL_MEMORY)  # fmt: skip
     real_data = ImageNetSegmentation(REAL_DATA)
     real_results = run(real_pipe, real_data, REAL_PROTOCOL, REAL_METHODS, REAL_OUT, limit=REAL_LIMIT,
                        model=REAL_MODEL)  # fmt: skip
@@ -374,7 +377,8 @@ if RUN_REAL:
     plot_spaces(real_results, "map")
 else:
     print("RUN_REAL is False: skipped. The same run from a shell:")
-    print("  python -m segmentation run --dataset imagenet --data gtsegs_ijcv.mat --protocol paper-imagenet \\")
+    print("  .venv/bin/python -m segmentation run --dataset imagenet --data gtsegs_ijcv.mat \\")
+    print("    --protocol paper-imagenet \\")
     print("    --methods output attention value cross_attention --softmax on off \\")
     print("    --layers 0 3 6 9 12 15 18 14-17 all --t 0.25 0.5 0.75 --limit 500 --out runs/imagenet-spaces")
 
