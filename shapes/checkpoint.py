@@ -67,9 +67,14 @@ def load_checkpoint(
     """Restore what `save_checkpoint` wrote; returns the step to continue from."""
     if not (folder / "state.pt").is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {folder / 'state.pt'} is missing")
-    flux.load_state_dict(load_file(folder / "flux.safetensors", device=device), strict=True)
-    t5.load_state_dict(load_file(folder / "t5.safetensors", device=device), strict=True)
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"].cpu())
-    return state["step"]
+    try:
+        flux.load_state_dict(load_file(folder / "flux.safetensors", device=device), strict=True)
+        t5.load_state_dict(load_file(folder / "t5.safetensors", device=device), strict=True)
+        state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu())
+        return int(state["step"])
+    except Exception as error:  # truncated, not a checkpoint, or another model's: none of these can be resumed
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"the checkpoint {folder} is damaged ({type(error).__name__}: {reason}); resume from "
+                         "another run, or start anew with --out") from None  # fmt: skip

@@ -29,6 +29,8 @@ the regime of a model trained with `--isolate 1.0`.
 import argparse
 import json
 import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from autoencoder import AutoEncoder, AutoEncoderConfig
+from checks import check_count, check_finite, check_t, interrupted, terminate_as_interrupt
 from mmdit import ConceptInput, Flux, FluxConfig
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from shapes.scenes import COLOURS, SHAPES, WORLDS, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
@@ -300,11 +303,29 @@ def load(folder: Path, device: str = "cpu") -> tuple[Flux, T5Encoder, T5Tokenize
         ("t5", T5Config, T5Encoder),
         ("ae", AutoEncoderConfig, AutoEncoder),
     ):
-        model = model_class(config_class(**json.loads((folder / f"{name}_config.json").read_text())))
-        model.load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
+        with damaged(folder / f"{name}_config.json"):
+            model = model_class(config_class(**json.loads((folder / f"{name}_config.json").read_text())))
+        with damaged(folder / f"{name}.safetensors"):
+            model.load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
+        check_finite(model, str(folder / f"{name}.safetensors"))
         models.append(model.to(device).eval())
-    max_length = json.loads((folder / "recipe.json").read_text())["max_length"]
-    return models[0], models[1], T5Tokenizer.from_folder(folder / "tokenizer_2"), models[2], max_length
+    with damaged(folder / "recipe.json"):
+        max_length = check_count(json.loads((folder / "recipe.json").read_text())["max_length"], "max_length", 1)
+    with damaged(folder / "tokenizer_2"):
+        tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
+    return models[0], models[1], tokenizer, models[2], max_length
+
+
+@contextmanager
+def damaged(path: Path):
+    """Any failure to read `path` as a ValueError of one line that names it."""
+    if not path.exists():
+        raise ValueError(f"{path} is missing: is {path.parent} a model folder written by shapes.train?")
+    try:
+        yield
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is damaged ({type(error).__name__}: {reason})") from None
 
 
 def sample(
@@ -335,7 +356,7 @@ def save_samples(images: Tensor, path: Path) -> None:
     Image.fromarray(row).save(path)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description="Alignment of a shapes model's concept maps on held-out scenes")
     parser.add_argument("--weights", type=Path, required=True, help="a folder written by shapes.train")
     parser.add_argument("--scenes", type=int, default=500)
@@ -350,9 +371,27 @@ def main() -> None:
         help="evaluate with image tokens isolated from each other (default: as the recipe says)",
     )
     args = parser.parse_args()
+    try:
+        return evaluate_command(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        return interrupted(stop, "nothing was written")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    for t in args.t:
+        check_t(t, "--t")
+    check_count(args.scenes, "--scenes", 1)
+    check_count(args.seed, "--seed", 0, 2**63 - 1 - args.scenes)
+    if args.samples is not None and not args.samples.parent.is_dir():
+        raise ValueError(f"--samples {args.samples}: the folder {args.samples.parent} does not exist")
     flux, t5, tok, ae, max_length = load(args.weights)
     recipe = json.loads((args.weights / "recipe.json").read_text())
     world = recipe.get("world", "full")
+    if world not in WORLDS:
+        raise ValueError(f"{args.weights / 'recipe.json'}: world {world!r} is not one of {sorted(WORLDS)}")
     isolate = recipe.get("eval_isolated", False) if args.isolated == "recipe" else args.isolated == "yes"
     config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
     if args.samples is not None:
@@ -389,7 +428,10 @@ def main() -> None:
                         totals[k] = totals.get(k, 0.0) + v * len(part) / args.scenes
                 rounded = {k: round(v, 4) for k, v in totals.items()}
                 print(json.dumps({"t": t, "layers": layers, "isolated": isolate, **rounded}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():
+        code = main()
+    sys.exit(code)

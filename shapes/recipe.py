@@ -11,6 +11,14 @@ from mmdit import FluxConfig
 from shapes.scenes import WORLDS, SceneConfig
 from t5 import T5Config
 
+# fields that must be > 0, >= 0, or a probability in [0, 1] (checked with their types in Recipe.__post_init__)
+POSITIVE = ("size", "max_length", "scenes", "ae_batch", "ae_size", "ae_full_batch", "ae_lr", "hidden", "heads",
+            "depth", "t5_dim", "steps", "batch", "lr", "caption_variants", "sample_steps", "eval_every",
+            "eval_scenes")  # fmt: skip
+COUNTS = ("ae_steps", "ae_full_steps", "single", "t5_layers", "warmup")
+KINDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}
+SHARES = ("background_phrase", "single_word", "colourless", "positions", "isolate", "isolate_anneal")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -54,6 +62,24 @@ class Recipe:
     eval_scenes: int = 100
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # types first: a JSON "128" or a bool where a count goes is refused
+            value, kind = getattr(self, field.name), type(field.default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, field.name, value)
+            if type(value) is not kind or (kind is float and not math.isfinite(value)):
+                raise ValueError(f"{field.name} = {value!r}: expected {KINDS[kind]}")
+        for name in POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in COUNTS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in SHARES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, in [0, 1]; got {getattr(self, name)}")
+        if self.t5_dim % 16:
+            raise ValueError(f"t5_dim must be a multiple of 16 (T5 heads of 16 dims), got {self.t5_dim}")
         if self.size % 16:
             raise ValueError(f"size must be a multiple of 16 (8 for the autoencoder x 2 for packing), got {self.size}")
         if self.ae_size % 8:

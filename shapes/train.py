@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from checks import check_count, check_device, check_number, interrupted, terminate_as_interrupt
 from mmdit import Flux
 from sampling import image_ids, pack, text_ids
 from shapes import bank
@@ -132,6 +134,19 @@ def scaled_for_batch(recipe: Recipe, batch: int, step_seconds: float, minutes: f
     return dataclasses.replace(recipe, batch=batch, lr=lr, steps=steps)
 
 
+RUN_FILES = ("run.json", "log.jsonl", "checkpoint", "flux.safetensors", "t5.safetensors", "ae.safetensors", "steps")
+
+
+def check_new_run(out: Path) -> None:
+    """Refuse a folder that holds a training run: a new run would overwrite its weights and mix their logs."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise ValueError(
+            f"{out} holds a training run ({', '.join(found)}); continue it with --resume {out}, give a new --out, "
+            "or --force to train over it (its weights, checkpoint and log are replaced)"
+        )
+
+
 def train(
     recipe: Recipe,
     out: Path,
@@ -146,8 +161,10 @@ def train(
     probe_seconds: float = 20.0,
     eval_minutes: float | None = None,
     bank_file: Path | None = None,
+    force: bool = False,
 ) -> Recipe:
-    """Train into `out`; returns the recipe as run (the batch probe may change batch, lr and steps).
+    """Train into `out`; returns the recipe as run (the batch probe may change batch, lr and steps). A folder that
+    already holds a run is refused unless `resume` (continue it) or `force` (train over it, its log started anew).
 
     `minutes` bounds the transformer phase (it then evaluates and saves as if its steps were done); a checkpoint goes
     to out/checkpoint every `checkpoint_seconds` and at the end, and `resume` continues from it (the run's own recipe,
@@ -155,12 +172,14 @@ def train(
     `batch_probe` lists batch sizes to time for `probe_seconds` in all (`choose_batch`, `scaled_for_batch`);
     `eval_minutes` adds an evaluation whenever that much time has passed since the last one; `bank_file` is a bank
     drawn ahead (`shapes.arms`)."""
+    if not resume and not force:
+        check_new_run(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume and reuse is None:
         reuse = out  # the run trained its own autoencoder: it is in the run's folder
     elif not resume:
         (out / "run.json").write_text(json.dumps({"seed": seed, "ae": reuse and str(reuse)}) + "\n")
-    log_file = (out / "log.jsonl").open("a")
+    log_file = (out / "log.jsonl").open("a" if resume else "w")
     start = time.time()
 
     def log(record: dict) -> None:
@@ -289,7 +308,7 @@ def train(
     return recipe
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="the run's folder (weights, log, checkpoints)")
     parser.add_argument("--device", default="cpu")
@@ -310,25 +329,58 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=None, help="a bank.pt drawn ahead by shapes.arms")
     parser.add_argument("--eval-minutes", type=float, default=None, help="also evaluate every this many minutes")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this folder (its own recipe)")
+    parser.add_argument("--force", action="store_true", help="train over the run already in --out")
     add_recipe_flags(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)  # one thread per process is fastest on a small shared CPU
-    recipe = recipe_from(args)
-    if args.resume is not None:
-        recipe_file = args.resume / "checkpoint" / "recipe.json"
-        if not recipe_file.is_file():
-            parser.error(f"--resume {args.resume}: {recipe_file} is missing (no checkpoint was written there)")
-        saved = json.loads(recipe_file.read_text())
-        run = json.loads((args.resume / "run.json").read_text())
+    try:
+        recipe = checked_arguments(parser, args)
+        if args.threads:
+            torch.set_num_threads(args.threads)  # one thread per process is fastest on a small shared CPU
+        train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None,
+              workers=args.workers, batch_probe=tuple(args.batch_probe), probe_seconds=args.probe_seconds,
+              eval_minutes=args.eval_minutes, bank_file=args.bank, force=args.force)  # fmt: skip
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        return interrupted(stop, "the last checkpoint is kept (--resume continues from it)")
+    return 0
+
+
+def checked_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Recipe:
+    """Every check that needs no training, in one-line ValueErrors; -> the recipe (a resumed run's own)."""
+    check_device(args.device)
+    check_count(args.seed, "--seed", 0, 2**63 - 1)
+    check_count(args.threads, "--threads", 0)
+    check_count(args.workers, "--workers", 0)
+    for name in ("minutes", "eval_minutes", "probe_seconds"):
+        value = getattr(args, name)
+        if value is not None and check_number(value, f"--{name.replace('_', '-')}") <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} = {value}: give a positive number")
+    for b in args.batch_probe:
+        check_count(b, "--batch-probe", 1)
+    for name, path in (("--ae", args.ae), ("--bank", args.bank)):
+        if path is not None and not path.exists():
+            raise ValueError(f"{name} {path} does not exist")
+    if args.resume is None:
+        if args.out is None:
+            parser.error("give --out DIR (a new run) or --resume DIR (continue one)")
+        if not args.force:
+            check_new_run(args.out)
+        return recipe_from(args)
+    recipe_file, run_file = args.resume / "checkpoint" / "recipe.json", args.resume / "run.json"
+    for file in (recipe_file, run_file, args.resume / "checkpoint" / "state.pt"):
+        if not file.is_file():
+            raise ValueError(f"--resume {args.resume}: {file} is missing (no checkpoint was written there)")
+    try:
+        saved, run = json.loads(recipe_file.read_text()), json.loads(run_file.read_text())
         args.out, args.seed, args.ae = args.resume, saved.pop("seed"), run["ae"] and Path(run["ae"])
-        recipe = Recipe(**saved)
-    elif args.out is None:
-        parser.error("give --out DIR (a new run) or --resume DIR (continue one)")
-    train(recipe, args.out, args.device, args.seed, args.ae, args.minutes, args.resume is not None,
-          workers=args.workers, batch_probe=tuple(args.batch_probe), probe_seconds=args.probe_seconds,
-          eval_minutes=args.eval_minutes, bank_file=args.bank)  # fmt: skip
+        return Recipe(**saved)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"--resume {args.resume}: {recipe_file} or {run_file} is damaged ({error!r})") from None
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():
+        code = main()
+    sys.exit(code)

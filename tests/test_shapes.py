@@ -449,3 +449,106 @@ def test_placement_and_presence_scores_known_values():
     scene.shapes, scene.places = [("red", "square"), ("blue", "circle")], ["top left", "bottom"]
     assert placement_score(painted, [scene], config.colours) == 0.5  # red placed, blue nowhere
     assert [cell_of(p) for p in ("top left", "middle", "right", "bottom")] == [(0, 0), (1, 1), (1, 2), (2, 1)]
+
+
+# ---- issue 24: one-line errors before any training, and a finished run is never trained over ------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shapes_command(module: str, *argv, timeout: int = 120):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "steps"), ({"steps": -5}, "steps"), ({"batch": 0}, "batch"), ({"eval_every": 0}, "eval_every"),
+        ({"lr": math.nan}, "lr = nan"), ({"hidden": "128"}, "hidden = '128'"), ({"bf16": 1}, "bf16 = 1"),
+        ({"t5_dim": 40}, "t5_dim"), ({"scenes": 0}, "scenes"), ({"warmup": -1}, "warmup"),
+    ],
+)  # fmt: skip
+def test_recipe_refuses_what_would_train_nothing_or_never_stop(fields, message):
+    from shapes.recipe import Recipe
+
+    with pytest.raises(ValueError, match=message):
+        Recipe(**fields)
+
+
+def test_train_refuses_a_finished_run_without_resume_or_force(tmp_path):
+    from shapes.train import Recipe, train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("run.json", '{"seed": 0, "ae": null}'), ("log.jsonl", "{}\n"), ("flux.safetensors", "w")):
+        (run / name).write_text(text)
+    tiny = {**TINY, "steps": 2, "eval_every": 2}  # (today's code trains at once: let that be quick)
+    with pytest.raises(ValueError, match="holds a training run"):
+        train(Recipe(**tiny), run, "cpu", seed=0)
+    flags = [x for k, v in tiny.items() for x in (f"--{k.replace('_', '-')}", v)]
+    code, err = shapes_command("shapes.train", "--out", run, *flags)
+    assert code == 2 and err.startswith("error: ") and "--resume" in err and "--force" in err
+    assert err.count("\n") == 1
+    assert (run / "log.jsonl").read_text() == "{}\n" and (run / "flux.safetensors").read_text() == "w"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--minutes", "0"], "--minutes = 0.0"),
+        (["--steps", "0"], "steps"),
+        (["--eval-every", "0"], "eval_every"),
+        (["--device", "nodevice"], "nodevice"),
+        (["--resume", "{damaged}"], "damaged"),
+    ],
+)
+def test_train_command_errors_are_one_line_and_come_first(tmp_path, argv, message):
+    damaged = tmp_path / "damaged"
+    (damaged / "checkpoint").mkdir(parents=True)
+    (damaged / "checkpoint" / "recipe.json").write_text("{broken")
+    (damaged / "checkpoint" / "state.pt").write_text("x")
+    (damaged / "run.json").write_text("{}")
+    argv = [a.replace("{damaged}", str(damaged)) for a in argv]
+    out = [] if "--resume" in argv else ["--out", tmp_path / "new"]
+    code, err = shapes_command("shapes.train", *out, *argv)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path):
+    from shapes.checkpoint import load_checkpoint
+
+    (tmp_path / "state.pt").write_text("not a checkpoint")
+    (tmp_path / "flux.safetensors").write_text("not safetensors")
+    flux = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="is damaged") as err:
+        load_checkpoint(tmp_path, flux, flux, torch.optim.SGD(flux.parameters(), 0.1), torch.Generator(), "cpu")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--t", "2"], "--t = 2.0"),
+        (["--t", "0.5", "-0.5"], "--t = -0.5"),
+        (["--t", "nan"], "--t = nan"),
+        (["--scenes", "0"], "--scenes = 0"),
+        (["--weights", "{missing}"], "is missing"),
+        (["--weights", "{damaged}"], "t5.safetensors is damaged"),
+    ],
+)
+def test_eval_command_errors_are_one_line(tmp_path, argv, message):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in WEIGHTS.iterdir():
+        if f.is_file():
+            (damaged / f.name).write_bytes(f.read_bytes())
+    (damaged / "t5.safetensors").write_text("garbage")
+    argv = [a.replace("{missing}", str(tmp_path / "missing")).replace("{damaged}", str(damaged)) for a in argv]
+    weights = [] if "--weights" in argv else ["--weights", WEIGHTS]
+    code, err = shapes_command("shapes.eval", *weights, *argv)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
