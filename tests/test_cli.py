@@ -4,6 +4,12 @@ The model is a tiny random one written in this project's own single-file layout 
 the command loads it through the same `weights` code as any other folder."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import concept_attention
+import saliency
 from tiny import write_model_folder
 
 
@@ -208,3 +215,93 @@ def test_a_model_recipe_sets_the_default_sampling_steps_and_schedule(model_dir, 
     code, _, err = run(capsys, *argv, "--model", own, "--num-steps", "3", "--out", tmp_path / "three")
     assert code == 0, err
     assert json.loads((tmp_path / "three" / "settings.json").read_text())["num_steps"] == 3  # the user's choice wins
+
+
+# ---- issue 24: interruptions, what settings.json records, recipe and preset messages ---------------------------------
+ROOT = Path(concept_attention.__file__).resolve().parent
+
+
+def start_long_run(out: Path) -> subprocess.Popen:
+    """The built-in model sampling 1000 steps into `out`, in its own process; returns once its temporary folder
+    exists (the run is then computing)."""
+    command = [sys.executable, str(ROOT / "concept_attention.py"), "generate", "--model", "shapes", "--prompt", "x",
+               "--concepts", "circle", "background", "--num-steps", "1000", "--size", "32",
+               "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(f".{out.name}.*.partial")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the sampling loop
+    return process
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_so_in_one_line_and_leaves_nothing(tmp_path, signum, code):
+    process = start_long_run(tmp_path / "out")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]  # the progress bar comes before it
+    assert process.returncode == code and last.startswith("error: interrupted") and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no result, no temporary folder
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    process = start_long_run(tmp_path / "out")
+    process.kill()  # SIGKILL: nothing of the run can clean up
+    process.communicate(timeout=60)
+    assert len(list(tmp_path.glob(".out.*.partial"))) == 1
+    alive = tmp_path / f".out.{saliency.HOST}-{os.getpid()}.abcdefgh.partial"  # a running process's: kept
+    alive.mkdir()
+    folder = saliency.OutputFolder(tmp_path / "out", ["cat"])
+    folder.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+
+
+def test_settings_record_the_device_dtype_memory_and_input(model_dir, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky",
+                       "--device", "cpu", "--memory", "offload", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert record["device"] == "cpu" and record["dtype"] == "float32" and record["memory"] == "offload"
+    assert record["image"] == str(image.resolve())
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[128]", "holds a list"),
+        ('{"size": "128"}', "size = '128'"),
+        ('{"size": 100}', "size = 100"),
+        ('{"sample_steps": 0}', "sample_steps = 0"),
+        ('{"sample_steps": 4.5}', "sample_steps = 4.5"),
+        ('{"sample_shift": "yes"}', "sample_shift = 'yes'"),
+    ],
+)
+def test_a_damaged_recipe_is_an_error_that_names_it(model_dir, tmp_path, capsys, no_loading, recipe, message):
+    own = tmp_path / "own"
+    own.mkdir()
+    for f in model_dir.iterdir():
+        (own / f.name).symlink_to(f)
+    (own / "recipe.json").write_text(recipe)
+    code, _, err = run(capsys, "generate", "--model", own, "--prompt", "a cat", "--concepts", "cat", "sky", "--out",
+                       tmp_path / "out")  # fmt: skip
+    assert code == 2 and str(own / "recipe.json") in err and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_presets_choice_that_does_not_fit_names_the_preset(model_dir, tmp_path, capsys, no_loading):
+    argv = ["generate", "--model", model_dir, "--prompt", "a cat", "--concepts", "cat", "sky", "--out", tmp_path / "o"]
+    code, _, err = run(capsys, *argv, "--preset", "official")
+    assert code == 2 and "the preset 'official' averages blocks [15, 16, 17, 18]" in err and "--layers [" not in err
+    code, _, err = run(capsys, *argv, "--preset", "official-demo", "--layers", "0", "--num-steps", "2")
+    assert code == 2 and "the preset 'official-demo' uses steps [2, 3]" in err and "--steps-used [" not in err
+
+
+def test_a_one_token_map_gives_an_empty_mask_not_scattered_pixels():
+    result = saliency.ConceptResult(Image.new("RGB", (16, 16)), ["cat", "sky"], torch.tensor([[[0.3]], [[0.7]]]),
+                                    saliency.Settings(), {})  # fmt: skip
+    assert not result.masks("mean").any()
