@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except (ValueError, OSError, ImportError) as error:  # bad input, missing or damaged files, a missing package
         print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM under terminate_as_interrupt
+        from checks import interrupted
+
+        return interrupted(stop, "the finished images are in the cache: the same command resumes")
     except torch.OutOfMemoryError:
         device = getattr(args, "device", None)
         print(f"error: out of memory on {device}; try --dtype bfloat16, --offload, or a smaller protocol resize",
@@ -181,4 +185,8 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from checks import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        code = main()
+    sys.exit(code)

@@ -114,6 +114,10 @@ class ImageNetSegmentation:
     def key(self, i: int) -> str:
         return f"{i:05d}-{safe_key(self.ids[i])}"
 
+    def where(self, i: int) -> str:
+        """The image as a user finds it, for messages."""
+        return f"{self.path} image {i} ({self.ids[i]})"
+
     def size(self, i: int) -> tuple[int, int]:
         """(H, W) of the image, from its array's shape (stored (3, W, H), or (W, H) for grey)."""
         shape = self.file[self.refs["img"][i]].shape
@@ -178,6 +182,9 @@ class VOCSegmentation:
     def key(self, i: int) -> str:
         return safe_key(self.names[i])
 
+    def where(self, i: int) -> str:
+        return f"{self.image_path(self.names[i])} (mask {self.mask_path(self.names[i])})"
+
     def size(self, i: int) -> tuple[int, int]:
         """(H, W) of the image, from its header."""
         path = self.image_path(self.names[i])
@@ -240,6 +247,10 @@ class FolderSegmentation:
 
     def key(self, i: int) -> str:
         return unique_key(self.items[i][0])
+
+    def where(self, i: int) -> str:
+        image = self.items[i][0]
+        return f"{self.root / 'images' / image} (mask {self.root / 'masks' / Path(image).stem}.png)"
 
     def size(self, i: int) -> tuple[int, int]:
         """(H, W) of the image, from its header."""

@@ -213,13 +213,17 @@ def prepare(dataset, protocol: Protocol, methods: list[Method], out: str | Path,
         if limit is not None and len(selected) >= limit:
             break
         mask, classes = dataset.label(i)
-        _, present = protocol_label(mask, classes, protocol)
+        label, present = protocol_label(mask, classes, protocol)
         if binary and len(present) != 1:
             continue
+        where = dataset.where(i) if hasattr(dataset, "where") else f"image {dataset.key(i)}"
+        if (label == 255).all():
+            raise ValueError(f"{where}: every pixel of its mask is 255 (ignored), so it cannot be scored; fix the "
+                             "mask or remove the image")  # fmt: skip
         selected.append(i)
         size = dataset.size(i) if hasattr(dataset, "size") else mask.shape
         if size != mask.shape:
-            raise ValueError(f"image {dataset.key(i)} is {size} (H, W) and its mask {mask.shape}; they must match")
+            raise ValueError(f"{where}: the image is {tuple(size)} (H, W) and its mask {mask.shape}; they must match")
         if (len(selected) - 1) % world_size == rank:
             concepts[i] = concepts_for(protocol, present, names, class_map)
     if not selected and binary:
@@ -360,6 +364,9 @@ def same_run(out: Path, world_size: int, config_hash: str) -> list[Path]:
     return [f for f in sorted((out / "shards").glob(f"rank-*-of-{world_size}.json")) if settings(f) == config_hash]
 
 
+SHARD_KEYS = ("config", "config_hash", "rank", "world_size", "indices", "class_names", "methods", "stats")
+
+
 def merge(out: str | Path, world_size: int | None = None, config_hash: str | None = None) -> dict:
     """Combine the shard files of one run (same settings) into results.json and results.md; with `config_hash`, only
     the shards of those settings (others are left from an earlier run into the same folder)."""
@@ -367,15 +374,22 @@ def merge(out: str | Path, world_size: int | None = None, config_hash: str | Non
     files = sorted((out / "shards").glob("rank-*-of-*.json"))
     if not files:
         raise FileNotFoundError(f"no shard files in {out / 'shards'}: run `python -m segmentation run` into it first")
-    if world_size is None:
+    files = [f for f in files if re.fullmatch(r"rank-\d+-of-\d+", f.stem)]
+    if world_size is None and files:
         world_size = max(int(f.stem.rsplit("-", 1)[1]) for f in files)
     shards = []
     for f in files:
         if f.stem.endswith(f"-of-{world_size}"):
             try:
-                shards.append(json.loads(f.read_text()))
-            except ValueError as error:
-                raise ValueError(f"shard file {f} is damaged ({error}); rerun its rank") from None
+                shard = json.loads(f.read_text())
+                missing = [k for k in SHARD_KEYS if k not in shard]
+                if missing or not isinstance(shard["stats"], dict) or not isinstance(shard["indices"], list):
+                    raise ValueError(f"missing or malformed {', '.join(missing) or 'stats or indices'}")
+                if any(method["name"] not in shard["stats"] for method in shard["methods"]):
+                    raise ValueError("a method has no statistics")
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"shard file {f} is damaged ({error!r}); rerun its rank") from None
+            shards.append(shard)
     if config_hash is not None:
         shards = [s for s in shards if s.get("config_hash") == config_hash]
     if len(shards) != world_size:
@@ -395,7 +409,11 @@ def merge(out: str | Path, world_size: int | None = None, config_hash: str | Non
                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "definitions": metrics.DEFINITIONS,
                "methods": []}  # fmt: skip
     for method in first["methods"]:
-        stats = [metrics.ImageStats.from_json(d) for s in shards for d in s["stats"][method["name"]]]
+        try:
+            stats = [metrics.ImageStats.from_json(d) for s in shards for d in s["stats"][method["name"]]]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise ValueError(f"{out / 'shards'}: a shard's statistics of {method['name']} are damaged ({error!r}); "
+                             "rerun the ranks") from None  # fmt: skip
         numbers = metrics.summarize(stats, tuple(first["class_names"]), tuple(protocol["paper"]))
         results["methods"].append({**method, "metrics": numbers})
     check_results_are_ours(out)  # again: they may have appeared while the run was computing

@@ -699,3 +699,27 @@ def test_a_users_results_files_are_never_overwritten(imagenet_file, tmp_path, ca
     (out / "results.md").write_text("edited by hand\n")
     assert main(["merge", "--out", str(out)]) == 2 and "did not write" in capsys.readouterr().err
     assert (out / "results.md").read_text() == "edited by hand\n"
+
+
+def test_mask_errors_name_the_files_and_an_all_ignore_mask_is_refused(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / "data")
+    monkeypatch.setattr("segmentation.__main__.build_pipeline", no_model)
+    masks = tmp_path / "data" / "masks"
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(masks / "two.png")  # the image is 64 x 64
+    assert main(folder_argv(tmp_path, "--protocol", "paper-voc-multi")) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "data" / "images" / "two.png") in err, err
+    assert "is (64, 64) (H, W) and its mask (32, 64)" in err, err
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(masks / "two.png")  # every pixel ignored: nothing to score
+    assert main(folder_argv(tmp_path, "--protocol", "paper-voc-multi")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two.png" in err and "every pixel of its mask is 255" in err, err
+
+
+@pytest.mark.parametrize("shard", ["{}", "[]", '{"config": {}}', "null"])
+def test_merging_a_damaged_shard_is_one_line(tmp_path, capsys, shard):
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "out" / "shards" / "rank-0-of-1.json").write_text(shard)
+    assert main(["merge", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "rank-0-of-1.json is damaged" in err, err
