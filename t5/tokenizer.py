@@ -75,7 +75,11 @@ class T5Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"T5 tokenizer file {path} does not exist")
-        backend = Tokenizer.from_file(str(path))
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises its own Exception type for a damaged file
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"{path} is not a tokenizers file ({reason}); replace it with an intact copy") from None
         backend.no_truncation()  # we truncate and pad ourselves, whatever the file says
         backend.no_padding()
         ids = {name: backend.token_to_id(name) for name in ("</s>", "<pad>")}
@@ -92,7 +96,10 @@ class T5Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"T5 tokenizer file {path} does not exist")
-        backend = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            backend = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as error:  # a damaged or empty file: sentencepiece cannot parse it
+            raise ValueError(f"{path} is not a SentencePiece model ({error}); replace it with an intact copy") from None
         size = backend.get_piece_size()
         # the model's own control pieces (<pad>, </s>) and <unk>, then the sentinels in reverse order, as transformers
         specials = {backend.id_to_piece(i): i for i in range(size) if backend.is_control(i) or backend.is_unknown(i)}

@@ -13,15 +13,20 @@ other than 1, another GroupNorm group count), is a `CheckpointError` that names 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import autoencoder
 import mmdit
 
 from .errors import CheckpointError
 from .files import TensorInfo
+from .find import sidecar_name
 
 
 def shape_reader(tensors: dict[str, TensorInfo], where: str, what: str) -> Callable[[str], tuple[int, ...]]:
@@ -105,6 +110,8 @@ def flux_config_from_diffusers(cfg: dict, tensors: dict[str, TensorInfo], where:
         )
     except KeyError as error:
         raise CheckpointError(f"{where}: config.json has no {error} (is it a FluxTransformer2DModel config?)") from None
+    except (TypeError, AttributeError) as error:  # a string or a list where a number goes, or a list as the config
+        raise CheckpointError(f"{where}: config.json holds a value of the wrong type ({error})") from None
 
 
 def ae_config_from_shapes(tensors: dict[str, TensorInfo], where: str) -> autoencoder.AutoEncoderConfig:
@@ -145,17 +152,74 @@ def ae_config_from_diffusers(cfg: dict, where: str) -> autoencoder.AutoEncoderCo
         )
     except KeyError as error:
         raise CheckpointError(f"{where}: config.json has no {error} (is it an AutoencoderKL config?)") from None
+    except (TypeError, AttributeError, ZeroDivisionError) as error:  # wrong types, or a list as the config
+        raise CheckpointError(f"{where}: config.json holds a value of the wrong type ({error})") from None
 
 
 def config_from_json(cls: type, cfg: dict, where: str, defaults: dict | None = None):
     """A config dataclass from a JSON whose keys include its field names (transformers' config.json for T5 and CLIP;
-    a sidecar written from the dataclass itself); fields with a default may be absent."""
+    a sidecar written from the dataclass itself); fields with a default may be absent. A value of the wrong type
+    ("hidden_size": "128", a list where a number goes) is a `CheckpointError` that names the field."""
+    where = config_file(where)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where} is a JSON {type(cfg).__name__}, not an object of settings")
     values = {**(defaults or {}), **cfg}
     fields = [f for f in dataclasses.fields(cls) if f.init]
     missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING]
     if missing:
-        raise CheckpointError(f"{where}: its config has no {', '.join(missing)} (needed for {cls.__name__})")
-    return cls(**{f.name: values[f.name] for f in fields if f.name in values})
+        raise CheckpointError(f"{where} has no {', '.join(missing)} (needed for {cls.__name__})")
+    hints = typing.get_type_hints(cls)
+    for f in fields:
+        if f.name in values and not fits(values[f.name], hints.get(f.name)):
+            raise CheckpointError(f"{where}: {f.name} = {values[f.name]!r} is not {describe_type(hints[f.name])}")
+    try:
+        return cls(**{f.name: values[f.name] for f in fields if f.name in values})
+    except TypeError as error:  # a type the check above does not know, met in the config's own checks
+        raise CheckpointError(f"{where} holds a value of the wrong type ({error})") from None
+
+
+def config_file(where: str) -> str:
+    """The config beside a weights file: `{stem}_config.json` (a sidecar) or `config.json`, else the file itself."""
+    path = Path(where)
+    for candidate in (path.with_name(sidecar_name(path.name)), path.with_name("config.json")):
+        if candidate.is_file():
+            return str(candidate)
+    return where
+
+
+def fits(value, hint) -> bool:
+    """Whether a JSON value fits a config field's type: int (not bool), float (int too; finite), bool, str, None,
+    tuple[int, ...] (a list or tuple of them) and unions of these; other hints are not checked."""
+    if hint is None or hint is typing.Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(kinds) == len(value) and all(fits(v, k) for v, k in zip(value, kinds, strict=True))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def describe_type(hint) -> str:
+    names = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}
+    if typing.get_origin(hint) is tuple:
+        return "a list of numbers"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) if a is not type(None) else "null" for a in typing.get_args(hint))
+    return names.get(hint, str(hint))
 
 
 def single_file_config(cls: type, cfg: dict | None, tensors: dict[str, TensorInfo], where: str, from_shapes: Callable):

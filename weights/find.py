@@ -283,8 +283,26 @@ def not_found(component: str, where: str, found_names: Iterable[str], repo: str 
     return CheckpointNotFoundError(
         f"no {spec.title} in {where}: expected "
         + " or ".join(layout.describe() for layout in spec.layouts)
-        + f". Found: {listing}. Fetch it with: {spec.fetch_commands(repo, local_dir)}"
+        + f". Found: {listing}. "
+        + (f"Fetch it with: {spec.fetch_commands(repo)}" if local_dir is None else folder_hint(component, local_dir))
     )
+
+
+def folder_hint(component: str, folder: Path) -> str:
+    """What to do about a component missing from a local folder: never a hub download into it (another model's files
+    would mix with the user's). The built-in model is restored from git; another folder gets the files copied in, or
+    the hub id is offered, whose files go to the Hugging Face cache."""
+    spec = COMPONENTS[component]
+    if folder.resolve() == BUILTIN:
+        return "The built-in model ships with the repository: restore it with git checkout -- shapes/weights"
+    hub = " or ".join(layout.folder + "/" if layout.folder else layout.file or "" for layout in spec.layouts)
+    hint = f"{folder} is a local folder: copy the {spec.title} ({hub}) into it from the model's source"
+    if component in ("flux", "autoencoder", "t5", "clip", "t5_tokenizer", "clip_tokenizer"):  # FLUX.1-schnell's
+        hint += (
+            f", or load the hub id {DEFAULT_REPO} instead, whose files go to the Hugging Face cache "
+            f"({spec.fetch_commands(DEFAULT_REPO)})"
+        )
+    return hint
 
 
 # ---- the hub -------------------------------------------------------------------------------------------------------
