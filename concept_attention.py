@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
             default="default",
             help="a named set of the options below: default (the paper's output space, every block and "
             "step, concepts as the mean of their pieces); official (the official code's blocks and token "
-            "rule; on SD3.5 the official SD3 code's whole recipe); official-demo; paper-imagenet. An option "
-            "given beside it wins",
+            "rule; on SD3.5 and CogVideoX the official code's whole recipe there); official-demo; paper-imagenet. "
+            "An option given beside it wins",
         )
         p.add_argument("--space", choices=SPACES, help="saliency space (default: output, the paper's)")
         p.add_argument("--layers", type=int, nargs="+", help="double-block indices averaged (default: all)")

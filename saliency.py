@@ -41,6 +41,7 @@ CONCEPT_ENCODERS = ("t5", "clip-joined")  # clip-joined: SD3 only (the official 
 IMAGE_VECTORS = ("prompt", "concepts")  # concepts: SD3 only (the official SD3 code's second attention)
 REDUCTIONS = ("maps", "vectors")
 GUIDED_HALVES = ("conditional", "unconditional")
+PADDING = -2  # the owner of a padding slot (`pad_concepts`): in the softmax over concepts, then dropped
 
 
 def check_indices(value, what: str) -> tuple[int, ...]:
@@ -88,7 +89,16 @@ class Settings:
     #   (output space only, no grid). "maps": per step and layer maps, averaged (the paper's eq. 11).
     reduce: str = "maps"
     # guided_half: which half of a classifier-free-guidance batch [unconditional; conditional] the maps come from
+    #   (SD3.5 and CogVideoX; Flux has no guided batch)
     guided_half: str = "conditional"
+    # The official CogVideoX code's recipe, as options (CogVideoX only, see `check_family`):
+    # pad_concepts: zero T5 vectors appended to the concept tokens up to the prompt's text length (226), before the
+    #   text projection (so each becomes its bias); they travel through the blocks as concepts (queries, keys and
+    #   values of the concept attention) and take part in the softmax over concepts, then their rows are dropped.
+    pad_concepts: bool = False
+    # concept_length: the T5 length each concept is padded to when encoded (the official CogVideoX code: 16); T5 has
+    #   no attention mask, so even the first token depends on it. None: the prompt's length (226), as on Flux.
+    concept_length: int | None = None
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -102,7 +112,7 @@ class Settings:
         ):
             if value not in allowed:
                 raise ValueError(f"Settings.{name} = {value!r}; choose one of {', '.join(allowed)}")
-        for name in ("softmax", "normalize", "value_per_head"):
+        for name in ("softmax", "normalize", "value_per_head", "pad_concepts"):
             value = getattr(self, name)
             if isinstance(value, str) or value not in (True, False):  # "no" would read as True
                 raise ValueError(f"Settings.{name} = {value!r}; give True or False")
@@ -111,6 +121,10 @@ class Settings:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check_indices(value, f"Settings.{name}"))
+        length = self.concept_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 2):
+            raise ValueError(f"Settings.concept_length = {length!r}; give a whole number of T5 tokens of at least 2 "
+                             "(a piece and the EOS), or None for the prompt's length")  # fmt: skip
         if self.reduce == "vectors" and (self.space != "output" or self.normalize):
             raise ValueError(
                 "Settings.reduce = 'vectors' averages the output-space vectors and L2-normalises the concepts: it "
@@ -133,11 +147,25 @@ PRESETS: dict[str, Settings] = {
     "official-sd3": Settings(
         concept_encoder="clip-joined", image_vectors="concepts", reduce="vectors", guided_half="unconditional"
     ),
+    # The official CogVideoX code (ModifiedCogVideoXPipeline): each concept T5-encoded alone at 16 tokens, its first
+    # token kept, zero-padded to 226 slots that take part in the attention and the softmax over concepts, the
+    # conditional half under guidance, maps averaged over layers and steps (not frames). Layers: all blocks (the
+    # official code has no default; its example takes blocks 0-29: all of the 2B's, the first 30 of the 5B's 42).
+    # CogVideoX pipelines read "official" as this one (`for_family`).
+    "official-cogvideox": Settings(token_rule="first", pad_concepts=True, concept_length=16),
 }
-FAMILY_PRESETS = {("official", "sd3"): "official-sd3"}  # (preset, family) -> the family's own version of the preset
-# the options only some families have, and their defaults (which every family has)
-FAMILY_OPTIONS = {"concept_encoder": "t5", "image_vectors": "prompt", "reduce": "maps", "guided_half": "conditional"}
-OPTION_FAMILIES = {"sd3"}
+# (preset, family) -> the family's own version of the preset
+FAMILY_PRESETS = {("official", "sd3"): "official-sd3", ("official", "cogvideox"): "official-cogvideox"}
+# the options only some families have: name -> (the default, which every family takes; the families taking others)
+FAMILY_OPTIONS = {
+    "concept_encoder": ("t5", ("sd3",)),
+    "image_vectors": ("prompt", ("sd3",)),
+    "reduce": ("maps", ("sd3",)),
+    "guided_half": ("conditional", ("sd3", "cogvideox")),
+    "pad_concepts": (False, ("cogvideox",)),
+    "concept_length": (None, ("cogvideox",)),
+}
+FAMILY_NAMES = {"sd3": "SD3.5", "cogvideox": "CogVideoX"}
 
 
 def for_family(settings: Settings, family: str) -> Settings:
@@ -157,15 +185,12 @@ def family_settings(settings: Settings, family: str) -> Settings:
 
 
 def check_family(settings: Settings, family: str) -> None:
-    """Refuse the SD3-only options on another family."""
-    if family in OPTION_FAMILIES:
-        return
-    for name, default in FAMILY_OPTIONS.items():
-        if getattr(settings, name) != default:
-            raise ValueError(
-                f"Settings.{name} = {getattr(settings, name)!r} is for SD3.5 only (the official SD3 recipe); "
-                f"{family} takes {default!r}"
-            )
+    """Refuse an option another family's recipe needs (SD3.5's, CogVideoX's) on a family that has no use for it."""
+    for name, (default, families) in FAMILY_OPTIONS.items():
+        if family not in families and getattr(settings, name) != default:
+            names = " and ".join(FAMILY_NAMES[f] for f in families)
+            raise ValueError(f"Settings.{name} = {getattr(settings, name)!r} is for {names} only (an option of the "
+                             f"official code's recipe there); {family} takes {default!r}")  # fmt: skip
 
 
 def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
@@ -199,7 +224,7 @@ def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
 
 def group_pieces(x: Tensor, owner: Tensor, num_concepts: int) -> Tensor:
     """Average the rows of x [..., C', N] that belong to the same concept (owner [C'] -> concept index): [..., C, N].
-    Rows owned by -1 (a BOS token carried along, as the official SD3 code does) are dropped."""
+    Rows owned by -1 (a BOS token carried along, as the official SD3 code does) or `PADDING` are dropped."""
     keep = owner >= 0
     if not bool(keep.all()):
         x, owner = x[..., keep.to(x.device), :], owner[keep]
@@ -211,14 +236,19 @@ def group_pieces(x: Tensor, owner: Tensor, num_concepts: int) -> Tensor:
 def reduce_space(value: Tensor, owner: Tensor, num_concepts: int, softmax: bool, sum_heads: bool = False) -> Tensor:
     """One layer's saliency in one space -> [B, C, N]: pieces averaged per concept, optional softmax over concepts
     (per head for the head-wise spaces), then the mean over heads. `sum_heads` first sums a per-head score over heads
-    (the dot product of the concatenated heads), so that one softmax is taken over the whole score."""
+    (the dot product of the concatenated heads), so that one softmax is taken over the whole score. Rows owned by
+    `PADDING` (`pad_concepts`) join the softmax as slots of their own and are dropped after it."""
     x = value.float()
     if x.dim() == 3:
         x = x.unsqueeze(1)  # (B, 1, C', N): spaces without a head axis
     if sum_heads:
         x = x.sum(dim=1, keepdim=True)  # (B, 1, C', N)
+    padding = (owner == PADDING).to(x.device)
+    pads = x[:, :, padding] if softmax and bool(padding.any()) else None  # (B, H, P, N)
     x = group_pieces(x, owner, num_concepts)  # (B, H, C, N)
-    if softmax:
+    if pads is not None:
+        x = torch.cat((x, pads), dim=2).softmax(dim=2)[:, :, :num_concepts]  # the softmax over C + P slots
+    elif softmax:
         x = x.softmax(dim=2)
     return x.mean(dim=1)
 

@@ -11,6 +11,16 @@ guidance above a scale of 1 with the negative prompt "", the 3D autoencoder's ch
 - `explain` takes a clip (frames), encodes it with the autoencoder's posterior mean, noises it to the timestep
   round(t * 999) of the training schedule (x_t = sqrt(a) x_0 + sqrt(1 - a) noise) and runs one forward per sample
   that stops after the last block that reports; the frames are resized to a size the model takes and cut to 1 + 4k.
+
+The official CogVideoX code's recipe (helblazer811/ConceptAttention `concept_attention/cogvideox/`) is a set of
+`Settings` options, all on in the preset "official-cogvideox"; `--preset official` (or `settings=PRESETS["official"]`
+as is) reads as that preset on CogVideoX (`saliency.family_settings`, in `generate` and `explain`):
+`concept_length=16` (each concept T5-encoded alone, padded to 16 tokens), `token_rule="first"` (position 0 kept),
+`pad_concepts=True` (zero vectors up to the prompt's 226 slots: through `text_proj` they become its bias, travel
+through the blocks as concepts, are keys and values of the concept attention and slots of the softmax over concepts,
+then are dropped), the conditional half of the guided batch (`guided_half`, the default; "unconditional" is offered)
+and maps averaged over layers and steps, one per latent frame (`VideoResult.frame_mean()` averages the frames too).
+The official pipeline needs guidance (its concepts have batch 2); these options run without it.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import imaging
 from checks import check_count, check_device
 from concept_attention import ConceptPipeline, check_guidance, memory_mode
 from mmdit import ConceptInput, ConceptSaliency
-from saliency import MapCollector, Settings, check_concepts
+from saliency import PADDING, MapCollector, Settings, check_concepts, family_settings
 from sampling import check_size
 from video import TIME_FACTOR, VideoResult
 
@@ -107,6 +117,32 @@ class CogVideoXPipeline(ConceptPipeline):
         return super().generate(prompt, concepts, height, width, num_steps, seed, settings, keep_grid, guidance,
                                 progress)  # fmt: skip
 
+    # ---- concepts and settings -------------------------------------------------------------------------------------
+    def encode_concepts(self, concepts: list[str], token_rule: str, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """`ConceptPipeline.encode_concepts` with each concept padded to `length` T5 tokens (None: the prompt's)."""
+        if length is None:
+            return super().encode_concepts(concepts, token_rule)
+        prompt_length, self.max_length = self.max_length, length
+        try:
+            return super().encode_concepts(concepts, token_rule)
+        finally:
+            self.max_length = prompt_length
+
+    def _prepare(self, prompt, concepts, settings, keep_grid):
+        """`ConceptPipeline._prepare` with the official recipe's options: the concepts' T5 length, zero padding slots
+        up to the prompt's length (owned by `PADDING`: in the softmax over concepts, dropped from the maps), and the
+        half of the guided batch the maps come from."""
+        self._guided_half = settings.guided_half
+        layers = self._layers(settings, keep_grid)
+        self._warn(prompt, concepts, settings)
+        tokens, owner = self.encode_concepts(concepts, settings.token_rule, settings.concept_length)  # (1, C', D)
+        if settings.pad_concepts and tokens.shape[1] < self.max_length:
+            pads = self.max_length - tokens.shape[1]
+            tokens = torch.cat((tokens, tokens.new_zeros(1, pads, tokens.shape[2])), dim=1)  # (1, max_length, D)
+            owner = torch.cat((owner, torch.full((pads,), PADDING)))
+        collector = MapCollector(settings, layers, owner, len(concepts), keep_grid)
+        return collector, self._concept_input(tokens, settings, layers, keep_grid)
+
     # ---- the family's hooks ----------------------------------------------------------------------------------------
     def _check_memory(self, height: int, width: int) -> None:
         """The image estimate with the latent frames stacked: the tokens grow with the frames."""
@@ -148,25 +184,28 @@ class CogVideoXPipeline(ConceptPipeline):
             v = uncond + cond["guidance"] * (cond_v - uncond)
         if concepts is None:
             return v, None
-        saliency = {i: second_half(s) for i, s in out.saliency.items()} if guided else out.saliency
-        return v, saliency
+        if not guided:
+            return v, out.saliency
+        row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
+        return v, {i: batch_row(s, row) for i, s in out.saliency.items()}
 
     def _sample(self, velocity, latents: Tensor, timesteps: list[int], seed: int, progress: bool) -> Tensor:
         """DDIM or DPM steps as CogVideoXPipeline: the DPM noise comes from the generator that drew the latents."""
         from tqdm.auto import tqdm
 
         generator = torch.Generator("cpu").manual_seed(seed)
-        torch.randn(latents.shape, generator=generator)  # the draw of the starting latents, as diffusers' order
+        torch.randn(latents.shape, generator=generator, dtype=self.dtype)  # the starting latents' draw, in its dtype
         alphas = self.schedule.alphas_cumprod()
         num_steps, previous_x0 = len(timesteps), None
+        work = torch.promote_types(self.dtype, torch.float32)  # steps in float32 at least (float64 stays)
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
             t_vec = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.int64)
             v = velocity(latents, t_vec)
             if self.schedule.sampler == "ddim":
-                latents = ddim_step(self.schedule, alphas, v, t, latents.float(), num_steps)
+                latents = ddim_step(self.schedule, alphas, v, t, latents.to(work), num_steps)
             else:
                 back = timesteps[i - 1] if i > 0 else None
-                latents, previous_x0 = dpm_step(self.schedule, alphas, v, previous_x0, t, back, latents.float(),
+                latents, previous_x0 = dpm_step(self.schedule, alphas, v, previous_x0, t, back, latents.to(work),
                                                 num_steps, generator)  # fmt: skip
             latents = latents.to(self.dtype)
         return latents
@@ -196,6 +235,7 @@ class CogVideoXPipeline(ConceptPipeline):
         from video import load_video
 
         concepts = check_concepts(concepts)
+        settings = family_settings(settings, self.family)  # "official" on CogVideoX is its own; options checked
         check_count(num_samples, "num_samples", 1)
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 1:
             raise ValueError(f"t = {t!r}: the noise level must lie in [0, 1]")
@@ -233,9 +273,9 @@ class CogVideoXPipeline(ConceptPipeline):
         return self._result(frames, concepts, collector, height, width, settings, record)
 
 
-def second_half(saliency: ConceptSaliency) -> ConceptSaliency:
-    """The conditional rows of each space of an [unconditional; conditional] batch."""
-    return ConceptSaliency(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[1:]
+def batch_row(saliency: ConceptSaliency, row: int) -> ConceptSaliency:
+    """One row of each space of an [unconditional; conditional] batch: 1 the conditional half, 0 the unconditional."""
+    return ConceptSaliency(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[row : row + 1]
                               for f in dataclasses.fields(saliency)})  # fmt: skip
 
 
