@@ -7,6 +7,7 @@ Errors are `ValueError`s of one line that name the value and say what to do; war
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import signal
@@ -59,7 +60,8 @@ def check_seed(seed, count: int = 1) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed = {seed!r}: give a whole number")
     if seed < 0 or seed + count - 1 > 2**63 - 1:
-        raise ValueError(f"seed = {seed}: seeds {seed} .. {seed + count - 1} must lie in 0 .. 2^63 - 1")
+        many = f" with {count} noise samples" if count > 1 else ""
+        raise ValueError(f"seed = {seed}{many}: seeds {seed} .. {seed + count - 1} must lie in 0 .. 2^63 - 1")
     return seed
 
 
@@ -147,6 +149,25 @@ def check_finite(module: torch.nn.Module, where: str, hint: str = "") -> None:
         tensor = tensor.float() if tensor.dtype.itemsize == 1 else tensor  # float8 has no sum
         if not torch.isfinite(tensor.sum(dtype=torch.float32)):
             raise CheckpointError(f"{where}: {name} holds NaN or infinite values; the file is damaged. {hint}".strip())
+
+
+# ---- command lines -------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit 2 (as every other error of the commands)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def index(text: str) -> int:
+    """An argparse type: a block or step index, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0: indices count from 0")
+    return value
 
 
 # ---- interruptions -------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def load_image(path: str | Path, background: tuple[int, int, int] = BACKGROUND) 
     first frame. Modes that cannot be mapped to RGB faithfully, float data outside [0, 1], integer data outside
     0..65535 and images above Pillow's decompression-bomb limit are refused with a one-line error. The file's
     absolute path is kept in `image.info[SOURCE_KEY]` (so that a result is never saved over its own input)."""
+    if not str(path).strip():
+        raise ValueError("the image path is empty; give a PNG, JPEG, TIFF or WebP file")
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not an image file; give one PNG, JPEG, TIFF or WebP file")

@@ -23,18 +23,13 @@ import json
 import os
 import sys
 
+from checks import OneLineParser
+
 from .datasets import open_dataset
 from .protocols import CLASS_MAPS, PROTOCOLS
 from .run import check_layers, merge, method_grid, parse_layers, prepare, run_plan
 
 SWITCH = {"on": True, "off": False}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, `error: ...`, exit 2 (as every other error of this command)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def at_least(low: int):

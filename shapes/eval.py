@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from autoencoder import AutoEncoder, AutoEncoderConfig
-from checks import check_count, check_finite, check_t, interrupted, terminate_as_interrupt
+from checks import OneLineParser, check_count, check_finite, check_t, interrupted, terminate_as_interrupt
 from mmdit import ConceptInput, Flux, FluxConfig
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
 from shapes.scenes import COLOURS, SHAPES, WORLDS, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
@@ -357,7 +357,9 @@ def save_samples(images: Tensor, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Alignment of a shapes model's concept maps on held-out scenes")
+    parser = OneLineParser(
+        prog="python -m shapes.eval", description="Alignment of a shapes model's concept maps on held-out scenes"
+    )
     parser.add_argument("--weights", type=Path, required=True, help="a folder written by shapes.train")
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--t", type=float, nargs="+", default=[0.5])

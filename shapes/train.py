@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from checks import check_count, check_device, check_number, interrupted, terminate_as_interrupt
+from checks import OneLineParser, check_count, check_device, check_number, interrupted, terminate_as_interrupt
 from mmdit import Flux
 from sampling import image_ids, pack, text_ids
 from shapes import bank
@@ -309,7 +309,7 @@ def train(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m shapes.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="the run's folder (weights, log, checkpoints)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
