@@ -36,6 +36,7 @@ import imaging
 from checks import check_count, check_device
 from concept_attention import ConceptPipeline, check_guidance, memory_mode
 from mmdit import ConceptInput, ConceptSaliency
+from mmdit.memory import prepare_flux, prepare_t5
 from saliency import PADDING, MapCollector, Settings, check_concepts, family_settings
 from sampling import check_size
 from video import TIME_FACTOR, VideoResult
@@ -70,11 +71,10 @@ class CogVideoXPipeline(ConceptPipeline):
         self.device = check_device(device)
         self.dtype = dtype or next(transformer.parameters()).dtype
         self.memory = memory_mode(memory, False)
-        if self.memory not in ("full", "offload"):
-            raise ValueError(f"memory mode {memory!r} is not available for CogVideoX yet; use full or offload")
         self.offload = self.memory != "full"
-        self.transformer, self.autoencoder = transformer.to(self.device), autoencoder.to(self.device)
-        self.t5 = t5.to("cpu" if self.offload else self.device)
+        self.transformer = prepare_flux(transformer, self.memory, self.device)  # any model with `block_lists`
+        self.autoencoder = autoencoder.to(self.device)
+        self.t5 = prepare_t5(t5, self.memory, self.device).to("cpu" if self.offload else self.device)
         self.t5_tokenizer, self.max_length, self.schedule = t5_tokenizer, max_length, schedule
         self.source, self.num_steps, self.guidance = source, STEPS, GUIDANCE
         self.native_size = max(NATIVE)
@@ -90,7 +90,11 @@ class CogVideoXPipeline(ConceptPipeline):
 
         device = check_device(device)
         memory = memory_mode(memory, offload)
-        transformer = load_cogvideox_transformer(source, device, dtype)
+        if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
+            host_dtype = weights.resolve_device_dtype("cogvideox", device, dtype)[1]
+            transformer = load_cogvideox_transformer(source, "cpu", host_dtype)
+        else:
+            transformer = load_cogvideox_transformer(source, device, dtype)
         autoencoder = load_cogvideox_autoencoder(source, device, dtype)
         text_device = "cpu" if memory != "full" else device
         t5 = weights.load_t5_encoder(source, text_device, dtype, component="cogvideox_t5")

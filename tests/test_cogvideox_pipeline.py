@@ -119,3 +119,28 @@ def test_command_line(pair, tmp_path, capsys):
     Image.new("RGB", (48, 32)).save(tmp_path / "one.png")
     assert main(["explain", "--image", str(tmp_path / "one.png"), "--out", str(tmp_path / "c"), *common]) == 2
     assert "--video" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("memory", ["stream", "fp8"])
+def test_memory_modes(pair, memory):
+    """Streamed blocks give the resident model's maps; fp8 block weights move them a little."""
+    ours, _ = pair
+    other = ConceptAttentionPipeline.from_pretrained(ours.source, device="cpu", dtype=torch.float32, memory=memory)
+    other.max_length = TEXT
+    args = ("a red cat", ["cat", "grass"], 32, 48, 2)
+    got = other.generate(*args, seed=1, guidance=2.0, progress=False, num_frames=5)
+    want = ours.generate(*args, seed=1, guidance=2.0, progress=False, num_frames=5)
+    err = (got.maps - want.maps).abs().max().item()
+    print(f"{memory}: maps max abs difference {err:.3g}")
+    if memory == "stream":
+        assert err <= 1e-6
+    else:
+        assert torch.corrcoef(torch.stack((got.maps.flatten(), want.maps.flatten())))[0, 1] > 0.9
+
+
+def test_example_writes_a_result(tmp_path):
+    """`python -m cogvideox.example`: the tiny random model's result folder, built from the shapes model's T5."""
+    from cogvideox.example import main
+
+    assert main(["--out", str(tmp_path / "ex")]) == 0
+    assert (tmp_path / "ex" / "contact_sheet.png").is_file() and (tmp_path / "ex" / "video.webp").is_file()
