@@ -110,7 +110,7 @@ def model_recipe(source) -> dict:
     a multiple of 16, "sample_steps" in 1..1000, "sample_shift" true, false or null. {} when there is none; a damaged
     one is a ValueError that names the file (never a silent fall-back to FLUX.1's 1024 px and 4 steps)."""
     path = Path(str(source)).expanduser() / "recipe.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
     builtin = Path(__file__).resolve().parent / "shapes" / "weights"
     fix = (
@@ -118,6 +118,8 @@ def model_recipe(source) -> dict:
         if path.parent.resolve() == builtin
         else "repair it, or remove it to use FLUX.1's defaults (1024 px, 4 steps)"
     )
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {fix}")
     try:
         recipe = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -128,9 +130,10 @@ def model_recipe(source) -> dict:
         "size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 16 == 0,
         "sample_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RECIPE_STEPS,
         "sample_shift": lambda v: v is None or isinstance(v, bool),
+        "max_length": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     }
     wanted = {"size": "a multiple of 16", "sample_steps": "a whole number from 1 to 1000",
-              "sample_shift": "true, false or null"}  # fmt: skip
+              "sample_shift": "true, false or null", "max_length": "a whole number of T5 tokens"}  # fmt: skip
     for key, ok in rules.items():
         if key in recipe and not ok(recipe[key]):
             raise ValueError(f"{path}: {key} = {recipe[key]!r}, expected {wanted[key]}; {fix}")

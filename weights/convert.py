@@ -135,6 +135,9 @@ def plan_load(
                 f"{p.key}{f'[{p.part}/{p.parts}]' if p.parts > 1 else ''} {list(p.info.shape)}" for p in pieces
             )
             mismatched.append(f"{name} expected {list(target.shape)}, found {found}")
+        elif target.is_floating_point() and not all(p.info.dtype.is_floating_point for p in pieces):
+            found = ", ".join(str(p.info.dtype).removeprefix("torch.") for p in pieces)
+            mismatched.append(f"{name} expected floating-point values, found {found}")
         plan[name] = pieces
     unexpected = [
         f"{key} {list(info.shape)} (in {info.path.name})"

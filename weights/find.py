@@ -392,6 +392,23 @@ def find_on_hub(repo: str, component: str) -> Found:
     return Found(root, layout, files, repo)
 
 
+def check_sidecar(found: Found) -> None:
+    """A single file without its `{stem}_config.json` in a folder of this project's own layout (other sidecars or a
+    recipe.json beside it) lost its config: read as a BFL file it would get FLUX.1's presets (RoPE axes, latent
+    scale and shift) and give wrong results without an error."""
+    if found.layout.kind != "file" or any(f.endswith("_config.json") for f in found.files):
+        return
+    own = sorted(p.name for p in found.root.iterdir() if p.name.endswith("_config.json") or p.name == "recipe.json")
+    if own:
+        weights, sidecar = found.files[0], sidecar_name(found.files[0])
+        fix = ("restore it with git checkout -- shapes/weights" if found.root.resolve() == BUILTIN
+               else "restore it from the model's source")  # fmt: skip
+        raise CheckpointNotFoundError(
+            f"{found.root / weights} has no {sidecar} beside it, while {', '.join(own)} make {found.root} a folder of "
+            f"this project's layout, whose weights files need their config; {fix}"
+        )
+
+
 def locate(source: str | Path, component: str) -> Found:
     """Resolve `source` (a `.safetensors` file, a local folder, or a hub repo id) to the component's files."""
     path = Path(source).expanduser()
@@ -409,6 +426,7 @@ def locate(source: str | Path, component: str) -> Found:
         if found is None:
             layouts = COMPONENTS[component].layouts
             raise not_found(component, f"the folder {path}", list_folder(path, layouts), None, path)
+        check_sidecar(found)
         return found
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/", "~")):
         return find_on_hub(str(source), component)
