@@ -23,6 +23,8 @@ Sections, each printed and written to OUT/results.json and OUT/results.md:
    (`keep_grid`), and `explain`'s forward that stops after the double blocks, each as a ratio of the plain forward.
 3. memory modes: `generate` end to end (T5-XXL + CLIP-L + 4 steps + decode, random weights at full size) per mode:
    median time and peak memory (allocated and reserved), and its image and maps against the first mode ("full").
+4. SD3.5 Large (`--no-sd3` skips it): one MM-DiT forward per size, ours against diffusers' SD3Transformer2DModel on
+   views of the same weights (diffusers' own single-file converter), and the concept stream's cost.
 """
 
 from __future__ import annotations
@@ -192,6 +194,59 @@ def concept_section(flux, size, text, device, dtype, repeats) -> dict:
     return {name: {**t, "ratio": t["seconds"] / base} for name, t in times.items()}
 
 
+def sd3_section(tiny: bool, sizes, text: int, device, dtype, repeats) -> dict:
+    """SD3.5 Large (or the tiny config): our MM-DiT against diffusers' SD3Transformer2DModel holding views of the same
+    weights (diffusers' own single-file converter splits our fused qkv into row views), per size; then the concept
+    stream's cost at the largest size, as for Flux."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    import sd3
+
+    config = sd3.CONFIGS["tiny" if tiny else "sd3.5-large"]
+    model = build(sd3.SD3, config, device, dtype, seed=3)
+    with torch.device("meta"):
+        twin = SD3Transformer2DModel(
+            sample_size=64, patch_size=config.patch_size, in_channels=config.in_channels,
+            out_channels=config.out_channels, num_layers=config.depth, attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads, joint_attention_dim=config.joint_attention_dim,
+            caption_projection_dim=config.hidden_size, pooled_projection_dim=config.pooled_projection_dim,
+            pos_embed_max_size=config.pos_embed_max_size, dual_attention_layers=config.dual_attention_layers,
+            qk_norm="rms_norm",
+        )  # fmt: skip
+    state = convert_sd3_transformer_checkpoint_to_diffusers({k: v for k, v in model.state_dict().items()})
+    twin.load_state_dict(state, strict=True, assign=True)
+    twin = twin.eval().requires_grad_(False)
+    out = {"config": "tiny" if tiny else "sd3.5-large", "step": {}}
+    g = torch.Generator().manual_seed(0)
+    for size in sizes:
+        x = torch.randn(1, config.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
+        t = torch.full((1,), 0.75, device=device, dtype=dtype)
+        context = torch.randn(1, 77 + text, config.joint_attention_dim, generator=g).to(device, dtype)
+        y = torch.randn(1, config.pooled_projection_dim, generator=g).to(device, dtype)
+
+        def theirs(x=x, t=t, context=context, y=y):
+            return twin(hidden_states=x, timestep=t * 1000, encoder_hidden_states=context, pooled_projections=y,
+                        return_dict=False)[0]  # fmt: skip
+
+        def ours(x=x, t=t, context=context, y=y):
+            return model(x, t, context, y)
+
+        times = interleaved({"ours": ours, "diffusers": theirs}, device, repeats, warmup=2)
+        out["step"][str(size)] = {**times, "ratio": times["ours"]["seconds"] / times["diffusers"]["seconds"],
+                                  "agreement": agreement(ours(), theirs())}  # fmt: skip
+    twin.to("meta")  # frees diffusers' own copies (the swapped final-layer halves); the views go with our model
+    tokens = torch.randn(1, 10, config.joint_attention_dim, generator=g).to(device, dtype)
+    inputs = (x, t, context, y)
+    calls = {"plain": ours}
+    for c in (1, 5, 10):
+        calls[f"{c} concepts, output"] = lambda c=c: model(*inputs, concepts=mmdit.ConceptInput(tokens[:, :c]))
+    calls["10 concepts, keep_grid"] = lambda: model(*inputs, concepts=mmdit.ConceptInput(tokens, spaces=SPACES))
+    times = interleaved(calls, device, repeats)
+    out["concepts"] = {name: {**r, "ratio": r["seconds"] / times["plain"]["seconds"]} for name, r in times.items()}
+    return out
+
+
 def mode_section(masters: dict, configs: dict, modes, size: int, device, dtype, repeats, max_length: int) -> dict:
     """generate in each memory mode, each pipeline built afresh from host copies of the same random weights; the
     first mode is the reference for the images and maps."""
@@ -249,6 +304,17 @@ def markdown(results: dict) -> str:
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | {r['seconds']:.2f} | {r['peak_allocated_gb']:.2f} | {r['peak_reserved_gb']:.2f} | "
                      f"{r['image_equal_to_first']} | {r['maps']['correlation']:.4f} |")  # fmt: skip
+    if "sd3" in results:
+        sd = results["sd3"]
+        lines += ["", f"| {sd['config']} step | ours (ms) | diffusers (ms) | ours / diffusers | max abs diff |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for size, r in sd["step"].items():
+            lines.append(
+                f"| {size}^2 | {r['ours']['seconds'] * 1e3:.1f} | {r['diffusers']['seconds'] * 1e3:.1f} | "
+                f"{r['ratio']:.3f} | {r['agreement']['max_abs']:.3g} (of {r['agreement']['ref_max_abs']:.3g}) |"
+            )
+        lines += ["", f"| {sd['config']} forward | ms | x plain |", "|---|---|---|"]
+        lines += [f"| {name} | {r['seconds'] * 1e3:.1f} | {r['ratio']:.3f} |" for name, r in sd["concepts"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=int, nargs="+", help="square sizes of the step (default 512 1024; tiny 32 64)")
     parser.add_argument("--modes", nargs="+", choices=MEMORY_MODES, default=list(MEMORY_MODES),
                         help="memory modes for generate (default: all; the first is the reference)")  # fmt: skip
+    parser.add_argument("--no-sd3", action="store_true", help="skip the SD3.5 Large section")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -305,6 +372,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"generate at {sizes[-1]}^2, {len(CONCEPTS)} concepts, per memory mode:", flush=True)
         results["modes"] = mode_section(masters, configs, args.modes, sizes[-1], device, dtype,
                                         args.generate_repeats, text)  # fmt: skip
+        del masters
+        if not args.no_sd3:
+            print(
+                "SD3.5: our MM-DiT against diffusers' on the same weights, and the concept stream's cost:", flush=True
+            )
+            results["sd3"] = sd3_section(tiny, sizes, text, device, dtype, repeats)
+            for size, r in results["sd3"]["step"].items():
+                print(f"  step {size}^2: x{r['ratio']:.3f}, max abs diff {r['agreement']['max_abs']:.3g}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,3 +32,9 @@ def test_bench_gpu_cpu_mode(tmp_path):
     for mode in ("offload", "stream"):  # the same kernels on the same weights
         assert modes[mode]["image_equal_to_first"] and modes[mode]["maps"]["max_abs"] == 0.0
     assert modes["fp8"]["maps"]["correlation"] > 0.99
+    # SD3.5: diffusers' SD3 transformer on views of our weights (its own single-file converter): round-off only
+    for r in results["sd3"]["step"].values():
+        assert r["agreement"]["max_abs"] < 1e-4 and r["agreement"]["ref_max_abs"] > 0.1
+    assert list(results["sd3"]["concepts"]) == ["plain", "1 concepts, output", "5 concepts, output",
+                                                "10 concepts, output", "10 concepts, keep_grid"]  # fmt: skip
+
