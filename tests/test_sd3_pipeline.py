@@ -167,3 +167,33 @@ def test_segmentation_command(snapshot, tmp_path):
     assert segmentation([*argv, "--layers", "1-2"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["methods"] and all(0 <= m["metrics"]["miou"] <= 1 for m in results["methods"])
+
+
+def test_offline_hub_cache_and_damaged_files(snapshot, ours, tmp_path, monkeypatch, capsys):
+    """The snapshot in a Hugging Face cache, loaded by repo id with HF_HUB_OFFLINE=1 (the family read from the cached
+    model_index.json); a truncated transformer file is one line that names it and says how to fetch it again."""
+    from test_weights import add_to_cache
+
+    import weights
+    from concept_attention import main
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    repo = "someone/tiny-sd3.5-large-turbo"
+    cached = add_to_cache(cache, repo, snapshot[0])
+    pipe = ConceptAttentionPipeline.from_pretrained(repo, device="cpu", dtype=torch.float32)
+    assert isinstance(pipe, SD3Pipeline) and pipe.num_steps == 4  # "turbo" in the repo's name
+    for a, b in zip(pipe.transformer.state_dict().values(), ours.transformer.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    shard = next((cached / "transformer").glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.unlink()  # the cache's symlink, replaced by a damaged copy
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(weights.CheckpointError, match=shard.name):
+        weights.load_sd3(repo, "cpu", torch.float32)
+    args = ["generate", "--model", repo, "--prompt", "x", "--concepts", "a", "b", "--device", "cpu", "--size", "32",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and shard.name in err[0] and "--force-download" in err[0], err
