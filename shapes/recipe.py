@@ -69,6 +69,12 @@ class Recipe:
                 object.__setattr__(self, field.name, value)
             if type(value) is not kind or (kind is float and not math.isfinite(value)):
                 raise ValueError(f"{field.name} = {value!r}: expected {KINDS[kind]}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if type(value) is int and value > 2**31 - 1:  # counts beyond a C int overflow torch and numpy calls
+                raise ValueError(f"{field.name} = {value}: too large (at most {2**31 - 1})")
+        if self.sample_steps > 1000:
+            raise ValueError(f"sample_steps = {self.sample_steps}: the pipeline samples with at most 1000 steps")
         for name in POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
