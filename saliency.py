@@ -179,6 +179,8 @@ def for_family(settings: Settings, family: str) -> Settings:
 
 def family_settings(settings: Settings, family: str) -> Settings:
     """The settings a family's pipeline runs with: its own version of a preset (`for_family`), options checked."""
+    if not isinstance(settings, Settings):
+        raise ValueError(f"settings = {settings!r} is a {type(settings).__name__}; give a Settings (or one of PRESETS)")
     settings = for_family(settings, family)
     check_family(settings, family)
     return settings

@@ -32,9 +32,11 @@ LATENT_CHANNELS = 16  # channels of the Flux autoencoder's latents
 PATCH = 2  # latent pixels per token side: one token = 2x2 latent pixels = 16 image pixels
 
 
-def check_size(height: int, width: int) -> None:
+def check_size(height: int, width: int | None = None) -> None:
     """Raise a ValueError unless height and width are both positive multiples of 16 (8 for the autoencoder, times
     the 2x2 packing); the message gives the nearest valid sizes."""
+    if width is None:
+        raise ValueError(f"size: give (height, width), two whole numbers; got only {height!r}")
     problems = []
     for name, size in (("height", height), ("width", width)):
         if isinstance(size, bool) or not isinstance(size, int):

@@ -358,3 +358,20 @@ def test_api_arguments_of_the_wrong_type_are_value_errors():
         with pytest.raises(ValueError) as err:
             call()
         assert one_line(err.value)
+
+
+def test_more_api_arguments_of_the_wrong_type_are_value_errors():
+    from saliency import family_settings
+    from sampling import check_size
+    from weights.find import locate
+
+    calls = [
+        lambda: family_settings(None, "flux"),
+        lambda: family_settings({"space": "output"}, "flux"),
+        lambda: check_size(32),  # explain(size=(32,))
+        lambda: locate(5, "flux"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert one_line(err.value)

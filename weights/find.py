@@ -411,6 +411,8 @@ def check_sidecar(found: Found) -> None:
 
 def locate(source: str | Path, component: str) -> Found:
     """Resolve `source` (a `.safetensors` file, a local folder, or a hub repo id) to the component's files."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"model source {source!r} is a {type(source).__name__}; give a hub id, a folder or a file")
     path = Path(source).expanduser()
     if path.is_file():
         if component not in ("flux", "autoencoder", "sd3", "sd3_autoencoder") or path.suffix != ".safetensors":
