@@ -433,6 +433,57 @@ def test_truncated_and_corrupt_files(world, tmp_path):
         weights.load_flux(path)
 
 
+def test_trailing_bytes_and_unread_dtypes(world, tmp_path):
+    path = tmp_path / FLUX_FILE
+    path.write_bytes((world.bfl / FLUX_FILE).read_bytes() + bytes(16))
+    with pytest.raises(CheckpointError, match=r"trailing bytes after its tensors: it has [\d,]+ bytes, but its header"):
+        weights.load_flux(path)
+    save_file({"img_in.weight": torch.zeros(2, 2, dtype=torch.uint16)}, path)
+    with pytest.raises(CheckpointError, match="dtype U16, which this loader does not read"):
+        weights.load_flux(path)
+
+
+def padded_copy(source: Path, target: Path, boundary: int) -> None:
+    """`source` with its header padded (JSON allows trailing spaces) so that its data starts `boundary` bytes past a
+    multiple of 64."""
+    data = source.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].rstrip(b" ")
+    header += b" " * ((boundary - 8 - len(header)) % 64)
+    target.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length :])
+
+
+def backing_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's first byte (None: anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= t.data_ptr() < high:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
+def test_mapped_where_aligned_in_the_stored_dtype(world, tmp_path):
+    """On the CPU in the stored dtype, tensors starting on 64-byte boundaries of their file stay memory-mapped, those
+    off them are copied (CPU kernels may round differently on them); in another dtype nothing is mapped. The mapped
+    model computes what the reference does, also once its file is deleted, and equals the copied one."""
+    models = {}
+    for boundary in (0, 8):  # every tensor of the tiny file is a multiple of 64 bytes long
+        path = tmp_path / f"{boundary}" / FLUX_FILE
+        path.parent.mkdir()
+        padded_copy(world.bfl / FLUX_FILE, path, boundary)
+        flux = weights.load_flux(path, device="cpu", dtype=torch.float32)  # stored in float32
+        mapped = [backing_file(t) == str(path) for t in flux.state_dict().values()]
+        assert all(mapped) if boundary == 0 else not any(mapped)
+        half = weights.load_flux(path, device="cpu", dtype=torch.bfloat16)
+        assert not any(backing_file(t) == str(path) for t in half.state_dict().values())
+        path.unlink()
+        check_flux(flux, world.flux)
+        models[boundary] = flux.state_dict()
+    assert all(torch.equal(t, models[8][name]) for name, t in models[0].items())
+
+
 def copy_transformer(world, tmp_path) -> Path:
     shutil.copytree(world.dif / "transformer", tmp_path / "transformer")
     return tmp_path / "transformer"

@@ -6,8 +6,9 @@ Follows the two layouts of `black-forest-labs/FLUX.1-schnell` (checkpoints.md se
 `tokenizer_2/`); also this project's own single files with a sidecar config (`flux.safetensors` + `flux_config.json`,
 `ae.safetensors`, `t5.safetensors`: the built-in shapes model). Differs from the diffusers and transformers loaders in:
 - one code path for every component and layout; diffusers names are converted in one place, a small table per model;
-- the model is built on the meta device and each tensor is read on its own with a plain file read, then moved to the
-  target device and dtype: host memory stays about one model, with no memory-mapped pages and no second copy;
+- the model is built on the meta device and filled one tensor at a time: left memory-mapped where it is wanted on the
+  CPU as it is stored (and starts on a 64-byte boundary), else read on its own with a plain file read, then moved to
+  the target device and dtype: host memory stays about one model, with no second copy;
 - strict: every missing, unexpected or mis-shaped tensor is found before any data is read and reported in one error;
 - the config comes from the checkpoint (`config.json` or a sidecar, else the tensor shapes of a BFL file); presets fill
   only what neither says (RoPE axes and theta; the autoencoder's latent scale and shift).

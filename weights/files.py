@@ -1,16 +1,22 @@
-"""Safetensors files read by hand: headers, sharded indexes, configs, and the one-tensor-at-a-time fill of a model.
+"""Safetensors files through the format's own library: headers, sharded indexes, configs, and the one-tensor-at-a-time
+fill of a model.
 
-Follows the safetensors format (an 8-byte little-endian header length, a JSON header of dtype, shape and byte offsets
-per tensor, then the raw row-major data) and the sharded layout of transformers and diffusers (an index JSON whose
-`weight_map` names each tensor's shard). Differs from `safetensors.torch.load_file` and `from_pretrained` in:
-- every header is checked against the file before any data is read: offsets that disagree with dtype x shape, or data
-  running past the end of a truncated file, are errors that say how to replace the file (from the hub cache: the
-  `hf download --force-download` command for that one file; from a local folder: an intact copy, never a download
-  into someone's folder);
-- a model built on the meta device is filled one tensor at a time, with a plain file read straight into the tensor's
-  memory, or through one reused staging buffer when the device or dtype differ: host memory stays the model plus its
-  largest tensor, with no memory-mapped pages and no second copy;
-- a fused tensor (rows of several file tensors, see `convert.py`) is read block by block into its own rows.
+Follows `safetensors.safe_open`, which checks each header against its file (length field, JSON, dtypes, dtype x shape
+against every byte span, spans without overlaps or gaps, the file's size), and the sharded layout of transformers and
+diffusers (an index JSON whose `weight_map` names each tensor's shard). Differs from `load_file` and `from_pretrained`
+in:
+- every file is checked before any data is read, and safetensors' reasons become one-line errors that name the file
+  and say how to replace it (from the hub cache: the `hf download --force-download` command for that one file; from a
+  local folder: an intact copy, never a download into someone's folder);
+- a meta-built model is filled one tensor at a time. A tensor wanted on the CPU in its stored dtype stays safetensors'
+  memory-mapped one, as in diffusers: read on first use, and privately mapped, so writes to the model never reach the
+  file (deleting the file is safe; rewriting it in place while the model lives is not);
+- but only when its bytes start on a 64-byte boundary of the file, as PyTorch's CPU allocations do: CPU kernels can
+  round differently on operands off it (the built-in model's maps change in their last bits with its weights mapped
+  at 8-byte boundaries), and a model computes the same mapped or copied (the memory modes' bit identity rests on it);
+- every other tensor (another dtype or device, rows fused from several file tensors, see `convert.py`, or off the
+  boundary) is read with plain file reads into its own memory, through one reused staging buffer when its dtype or
+  device differ: no mapped page stays resident for it, and host memory stays the model plus its largest tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .errors import MALFORMED, CheckpointError, CheckpointNotFoundError
@@ -40,6 +47,7 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+ALIGNMENT = 64  # bytes: a mapped tensor must start where PyTorch's CPU allocations do (see above)
 
 
 @dataclass(frozen=True)
@@ -53,42 +61,41 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: Path, found: Found) -> dict[str, TensorInfo]:
-    """Parse a safetensors header (u64 little-endian length, then JSON) and check the file holds every tensor."""
-    size = path.stat().st_size
-    again = found.repair_hint(path)
+def header_of(path: Path) -> tuple[int, dict]:
+    """The length field and the tensor entries of a safetensors header (no checks: `read_header` makes them)."""
     with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
-        if length is None or 8 + length > size:
-            raise CheckpointError(
-                f"{path} is truncated or not a safetensors file: {size:,} bytes, header length field {length}. {again}"
-            )
-        try:
-            header = json.loads(f.read(length))
-            entries = {
-                name: (DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"]), *(int(o) for o in e["data_offsets"]))
-                for name, e in header.items()
-                if name != "__metadata__"
-            }
-        except MALFORMED as error:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({error!r}). {again}") from error
-    tensors = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(
-                f"{path} is corrupt: tensor {name} {list(shape)} {dtype} takes {nbytes:,} bytes, but its header gives "
-                f"bytes {begin:,} to {end:,}. {again}"
-            )
-        tensors[name] = TensorInfo(path, dtype, shape, 8 + length + begin, 8 + length + end)
-    data_end = max((info.end for info in tensors.values()), default=0)
-    if data_end > size:
-        raise CheckpointError(
-            f"{path} is truncated: it has {size:,} bytes, but its header describes {len(tensors)} tensors ending at "
-            f"byte {data_end:,}. {again}"
-        )
-    return tensors
+        length = int.from_bytes(f.read(8), "little")
+        return length, {k: e for k, e in json.loads(f.read(length)).items() if k != "__metadata__"}
+
+
+def damage(path: Path, error: SafetensorError) -> str:
+    """safetensors' reason for refusing a file, said as what is wrong with it (its words differ across versions)."""
+    size, reason = path.stat().st_size, str(error).removeprefix("Error while deserializing header: ")
+    key = reason.lower().replace(" ", "")
+    if "headerlength" in key or "headertoo" in key:  # the 8-byte length field: missing, or past the end of the file
+        return f"is truncated or not a safetensors file: {size:,} bytes, {reason}"
+    if "incomplete" in key:  # a valid header whose tensors end before (or after) the end of the file
+        length, entries = header_of(path)
+        end = 8 + length + max((int(e["data_offsets"][1]) for e in entries.values()), default=0)
+        what = "is truncated: it has" if end > size else "has trailing bytes after its tensors: it has"
+        return f"{what} {size:,} bytes, but its header describes {len(entries)} tensors ending at byte {end:,}"
+    return f"has a corrupt safetensors header ({reason})"
+
+
+def read_header(path: Path, found: Found) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file, once safetensors has checked the header against the file."""
+    try:
+        safe_open(path, "pt")  # parses and checks the header; maps the file but reads no data
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} {damage(path, error)}. {found.repair_hint(path)}") from None
+    length, entries = header_of(path)
+    unknown = sorted({e["dtype"] for e in entries.values()} - DTYPES.keys())
+    if unknown:
+        raise CheckpointError(f"{path} holds tensors of dtype {', '.join(unknown)}, which this loader does not read")
+    return {
+        name: TensorInfo(path, DTYPES[e["dtype"]], tuple(e["shape"]), *(8 + length + o for o in e["data_offsets"]))
+        for name, e in entries.items()
+    }
 
 
 def read_index(found: Found, index: str) -> dict[str, TensorInfo]:
@@ -174,8 +181,7 @@ def stacked_shape(pieces: list[Piece]) -> tuple[int, ...] | None:
 
 def read_into(file, piece: Piece, out: Tensor, staging: Tensor) -> Tensor:
     """Copy one row block of the file into `out`: straight into its memory when it is a CPU tensor of the file's dtype,
-    else through `staging`, a CPU byte buffer reused for every tensor (returned, grown when too small). No memory map,
-    no fresh buffer per tensor: host memory stays the model plus the largest tensor."""
+    else through `staging`, a CPU byte buffer reused for every tensor (returned, grown when too small)."""
     nbytes = out.numel() * piece.info.dtype.itemsize
     direct = out.device.type == "cpu" and out.dtype == piece.info.dtype
     if not direct and staging.numel() < nbytes:
@@ -190,20 +196,29 @@ def read_into(file, piece: Piece, out: Tensor, staging: Tensor) -> Tensor:
 
 
 def fill(model: nn.Module, plan: dict[str, list[Piece]], device: torch.device, dtype: torch.dtype) -> None:
-    """Replace the meta tensors with the files' data on `device` in `dtype` (floating tensors), one at a time."""
-    expected, state, files, staging = model.state_dict(), {}, {}, torch.empty(0, dtype=torch.uint8)
+    """Replace the meta tensors with the files' data on `device` in `dtype` (floating tensors), one at a time: mapped
+    where a whole, aligned file tensor is wanted as it is stored, on the CPU; read into memory of its own otherwise."""
+    expected, state, staging = model.state_dict(), {}, torch.empty(0, dtype=torch.uint8)
+    files, mapped = {}, {}  # path -> open file, path -> safetensors' reader of it
+    on_cpu = torch.device(device).type == "cpu"
     order = sorted(plan, key=lambda name: (str(plan[name][0].info.path), plan[name][0].info.start))  # sequential I/O
     try:
         for name in order:
             target, pieces = expected[name], plan[name]
             out_dtype = dtype if target.is_floating_point() else target.dtype
-            tensor = torch.empty(stacked_shape(pieces), device=device, dtype=out_dtype)
-            # a fused tensor gets each block read into its own rows: no concatenated temporary
-            blocks = [tensor] if len(pieces) == 1 else tensor.split([piece.shape[0] for piece in pieces])
-            for piece, block in zip(pieces, blocks, strict=True):
-                if piece.info.path not in files:
-                    files[piece.info.path] = open(piece.info.path, "rb")  # noqa: SIM115 (closed below)
-                staging = read_into(files[piece.info.path], piece, block, staging)
+            info, whole = pieces[0].info, len(pieces) == pieces[0].parts == 1
+            if on_cpu and whole and info.dtype == out_dtype and info.start % ALIGNMENT == 0:  # kept mapped
+                if info.path not in mapped:
+                    mapped[info.path] = safe_open(info.path, "pt")
+                tensor = mapped[info.path].get_tensor(pieces[0].key)
+            else:
+                tensor = torch.empty(stacked_shape(pieces), device=device, dtype=out_dtype)
+                # a fused tensor gets each block read into its own rows: no concatenated temporary
+                blocks = [tensor] if whole else tensor.split([piece.shape[0] for piece in pieces])
+                for piece, block in zip(pieces, blocks, strict=True):
+                    if piece.info.path not in files:
+                        files[piece.info.path] = open(piece.info.path, "rb")  # noqa: SIM115 (closed below)
+                    staging = read_into(files[piece.info.path], piece, block, staging)
             state[name] = tensor.reshape(target.shape)  # [C, C] -> [C, C, 1, 1] for 1x1 convs
     finally:
         for file in files.values():
