@@ -21,7 +21,6 @@ what was expected and give the `hf download` command that fetches it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ import autoencoder
 import clip
 import mmdit
 import t5
+from checks import check_finite
 from clip.model import LEGACY_KEYS
 
 from .configs import (
@@ -42,7 +42,9 @@ from .configs import (
     config_from_json,
     flux_config_from_diffusers,
     flux_config_from_shapes,
+    settings_object,
     single_file_config,
+    tokenizer_length,
 )
 from .convert import CLIP_WITHOUT_PREFIX, FLUX_FROM_DIFFUSERS, Rule, ae_from_diffusers, plan_load
 from .errors import CheckpointError, CheckpointNotFoundError
@@ -113,6 +115,7 @@ def build(
         model = cls(config)
     plan = plan_load(model, tensors, rules, ignore, found.where)
     fill(model, plan, device, dtype)
+    check_finite(model, found.where, found.repair_hint(Path(found.where)))  # NaN weights: here, not after the run
     return model.eval().requires_grad_(False)
 
 
@@ -147,7 +150,7 @@ def load_t5_encoder(
     """The T5 v1.1 encoder from `text_encoder_2/` (config.json + safetensors, usually sharded with an index);
     component "sd3_t5": SD3.5's `text_encoder_3/`."""
     found = locate(source, component)
-    cfg = read_config(found)
+    cfg = settings_object(read_config(found), found.where)
     if cfg.get("feed_forward_proj", "gated-gelu") != "gated-gelu" or cfg.get("model_type", "t5") != "t5":
         raise CheckpointError(
             f"{found.where}: only T5 v1.1 encoders (model_type t5, feed_forward_proj gated-gelu) are supported, got "
@@ -172,7 +175,7 @@ def load_clip_encoder(
     position_ids buffer is ignored. A `text_projection.weight` in the file (CLIPTextModelWithProjection) gives the
     model its projection; config.json's `projection_dim` is there either way and is not read."""
     found = locate(source, component)
-    cfg = read_config(found)
+    cfg = settings_object(read_config(found), found.where)
     cfg = cfg.get("text_config", cfg)  # a full CLIPModel config nests the text tower's
     if cfg.get("hidden_act", "quick_gelu") not in clip.model.ACTIVATIONS:
         raise CheckpointError(
@@ -205,7 +208,7 @@ def t5_max_length(source: str | Path = DEFAULT_REPO) -> int:
     guidance-distilled ones like FLUX.1-dev (BFL's cli: `max_length=256 if schnell else 512`), or less when
     `tokenizer_2/tokenizer_config.json` says a smaller `model_max_length` (FLUX.1-schnell's says 512)."""
     found = locate(source, "flux")
-    cfg = read_config(found) or {}
+    cfg = settings_object(read_config(found), found.where) or {}
     if found.layout.kind == "folder":
         guidance = cfg.get("guidance_embeds", False)
     else:
@@ -215,7 +218,4 @@ def t5_max_length(source: str | Path = DEFAULT_REPO) -> int:
         tokenizer = locate(source, "t5_tokenizer")
     except FileNotFoundError:
         return length
-    settings = tokenizer.root / tokenizer.layout.folder / "tokenizer_config.json"
-    if settings.is_file():
-        length = min(length, int(json.loads(settings.read_text()).get("model_max_length", length)))
-    return length
+    return tokenizer_length(tokenizer.root / tokenizer.layout.folder, length, source)

@@ -13,6 +13,7 @@ other than 1, another GroupNorm group count), is a `CheckpointError` that names 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import autoencoder
 import mmdit
+from checks import model_recipe
 
 from .errors import CheckpointError
 from .files import TensorInfo
@@ -176,6 +178,39 @@ def config_from_json(cls: type, cfg: dict, where: str, defaults: dict | None = N
         return cls(**{f.name: values[f.name] for f in fields if f.name in values})
     except TypeError as error:  # a type the check above does not know, met in the config's own checks
         raise CheckpointError(f"{where} holds a value of the wrong type ({error})") from None
+
+
+def settings_object(cfg, where: str) -> dict | None:
+    """A config read from JSON (or None, when there is none), refused unless it is a JSON object of settings."""
+    if cfg is not None and not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_file(where)} is a JSON {type(cfg).__name__}, not an object of settings")
+    return cfg
+
+
+def tokenizer_length(folder: Path, length: int, source) -> int:
+    """`length`, or less when `folder/tokenizer_config.json` says a smaller `model_max_length`; a damaged file or
+    value is a `CheckpointError` that names it. Without the file, this project's own models (a recipe.json with
+    "max_length") use their recipe's length: the T5 encodings depend on it (no attention mask)."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        recipe = model_recipe(source).get("max_length")
+        return min(length, recipe) if recipe else length
+    fix = f"restore it, or remove it to use {length} tokens"
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error}); {fix}") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} is a JSON {type(settings).__name__}, not an object of settings; {fix}")
+    value = settings.get("model_max_length", length)
+    try:
+        value = int(value)
+    except (ValueError, TypeError, OverflowError):
+        value = None
+    if value is None or value < 1:
+        raise CheckpointError(f"{path}: model_max_length = {settings['model_max_length']!r} is not a whole number "
+                              f"of tokens; {fix}")  # fmt: skip
+    return min(length, value)
 
 
 def config_file(where: str) -> str:

@@ -1,0 +1,122 @@
+"""Issue 24: every file of a model folder missing, empty, damaged or of the wrong type is a one-line error that names
+the file and says what to do (never a traceback, never `hf download --local-dir` into the user's folder), found before
+the model runs. The folder is a copy of the built-in shapes model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import concept_attention
+
+BUILTIN = concept_attention.BUILTIN_MODEL
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(BUILTIN, folder)
+    return folder
+
+
+def generate(capsys, model, out) -> tuple[int, str]:
+    argv = ["generate", "--model", str(model), "--prompt", "a red circle", "--concepts", "circle", "background",
+            "--num-steps", "1", "--size", "32", "--out", str(out)]  # fmt: skip
+    code = concept_attention.main(argv)
+    return code, capsys.readouterr().err
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+CASES = {
+    "hidden_size as a string": ("flux_config.json", lambda p: edit_json(p, lambda c: {**c, "hidden_size": "128"}),
+                                "hidden_size = '128' is not a whole number"),
+    "a list as the config": ("t5_config.json", lambda p: p.write_text("[1, 2]"), "is a JSON list"),
+    "axes_dim of strings": ("flux_config.json", lambda p: edit_json(p, lambda c: {**c, "axes_dim": ["8", "12", "12"]}),
+                            "axes_dim"),
+    "a garbage spiece.model": ("tokenizer_2/spiece.model", lambda p: p.write_text("garbage"),
+                               "is not a SentencePiece model"),
+    "an empty spiece.model": ("tokenizer_2/spiece.model", lambda p: p.write_bytes(b""),
+                              "is not a SentencePiece model"),
+    "a damaged tokenizer_config.json": ("tokenizer_2/tokenizer_config.json", lambda p: p.write_text("{bad"),
+                                        "tokenizer_config.json"),
+    "model_max_length a string": ("tokenizer_2/tokenizer_config.json",
+                                  lambda p: p.write_text('{"model_max_length": "x"}'), "model_max_length"),
+    "a list as tokenizer_config.json": ("tokenizer_2/tokenizer_config.json", lambda p: p.write_text("[]"),
+                                        "tokenizer_config.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_damaged_model_file_is_one_line_that_names_it(model, tmp_path, capsys, case):
+    name, damage, message = CASES[case]
+    damage(model / name)
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and Path(name).name in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_found_at_load_not_after_the_run(model, tmp_path, capsys):
+    state = load_file(model / "flux.safetensors")
+    name = "double_blocks.1.img_attn.qkv.weight"
+    state[name] = state[name].clone()
+    state[name].view(-1)[7] = float("nan")
+    save_file(state, model / "flux.safetensors")
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and name in err and "NaN" in err, err
+    assert str(model / "flux.safetensors") in err and not (tmp_path / "out").exists()
+
+
+def test_finite_check_costs_one_reduction_per_tensor():
+    from checks import check_finite
+
+    module = torch.nn.Linear(4, 4)
+    check_finite(module, "x")  # finite: no error
+    with torch.no_grad():
+        module.bias[2] = float("inf")
+    with pytest.raises(ValueError, match="x: bias holds NaN or infinite values"):
+        check_finite(module, "x")
+
+
+@pytest.mark.parametrize("missing", ["t5.safetensors", "tokenizer_2"])
+def test_a_missing_file_never_suggests_a_download_into_the_folder(model, tmp_path, capsys, missing, monkeypatch):
+    path = model / missing
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "--local-dir" not in err, err
+    assert f"{model} is a local folder: copy the" in err
+    import weights.find
+
+    monkeypatch.setattr(weights.find, "BUILTIN", model.resolve())  # the same folder as the built-in model
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and "--local-dir" not in err and "git checkout -- shapes/weights" in err, err
+
+
+@pytest.mark.parametrize("name", ["ae_config.json", "flux_config.json", "t5_config.json"])
+def test_a_lost_sidecar_config_is_not_replaced_by_flux_presets(model, tmp_path, capsys, name):
+    """Without its config a single file would be read as a BFL file, with FLUX.1's RoPE axes or latent scale: wrong
+    maps and images, no error."""
+    (model / name).unlink()
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and name in err, err
+
+
+def test_integer_tensors_where_weights_go_are_refused(model, tmp_path, capsys):
+    state = load_file(model / "t5.safetensors")
+    save_file({k: v.to(torch.int32) for k, v in state.items()}, model / "t5.safetensors")
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "expected floating-point values, found int32" in err, err
+
+
+def test_a_recipe_json_that_is_a_folder_is_refused(model, tmp_path, capsys):
+    (model / "recipe.json").unlink()
+    (model / "recipe.json").mkdir()
+    code, err = generate(capsys, model, tmp_path / "out")
+    assert code == 2 and "recipe.json is not a file" in err, err
