@@ -375,3 +375,16 @@ def test_more_api_arguments_of_the_wrong_type_are_value_errors():
         with pytest.raises(ValueError) as err:
             call()
         assert one_line(err.value)
+
+
+def test_a_dtype_given_as_a_string_and_a_tilde_image_path(tmp_path, monkeypatch):
+    import weights
+
+    with pytest.raises(ValueError, match="give a torch dtype") as err:
+        weights.resolve_device_dtype("flux", "cpu", "float32")
+    assert one_line(err.value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "x.png")
+    assert imaging.load_image("~/x.png").size == (16, 16)  # expanded, as --out is
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        imaging.load_image("~")

@@ -72,6 +72,8 @@ def resolve_device_dtype(component: str, device, dtype: torch.dtype | None) -> t
     """Defaults: bfloat16 on CUDA, float32 elsewhere; float16 only for components that run safely in it."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is a {type(dtype).__name__}; give a torch dtype such as torch.bfloat16")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if dtype == torch.float16 and not COMPONENTS[component].float16_ok:
