@@ -107,7 +107,8 @@ MAX_RECIPE_STEPS = 1000
 
 def model_recipe(source) -> dict:
     """A model folder's recipe.json (the built-in shapes model has one), checked where the pipeline reads it: "size"
-    a multiple of 16, "sample_steps" in 1..1000, "sample_shift" true, false or null. {} when there is none; a damaged
+    a multiple of 16, "sample_steps" in 1..1000, "sample_shift" true, false or null, "layers" (the concept-layer
+    default) a list of distinct block indices. {} when there is none; a damaged
     one is a ValueError that names the file (never a silent fall-back to FLUX.1's 1024 px and 4 steps)."""
     path = Path(str(source)).expanduser() / "recipe.json"
     if not path.exists():
@@ -131,9 +132,16 @@ def model_recipe(source) -> dict:
         "sample_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RECIPE_STEPS,
         "sample_shift": lambda v: v is None or isinstance(v, bool),
         "max_length": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "layers": lambda v: (
+            isinstance(v, list)
+            and bool(v)
+            and len(set(v)) == len(v)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+        ),
     }
     wanted = {"size": "a multiple of 16", "sample_steps": "a whole number from 1 to 1000",
-              "sample_shift": "true, false or null", "max_length": "a whole number of T5 tokens"}  # fmt: skip
+              "sample_shift": "true, false or null", "max_length": "a whole number of T5 tokens",
+              "layers": "a list of distinct double-block indices"}  # fmt: skip
     for key, ok in rules.items():
         if key in recipe and not ok(recipe[key]):
             raise ValueError(f"{path}: {key} = {recipe[key]!r}, expected {wanted[key]}; {fix}")

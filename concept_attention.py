@@ -101,6 +101,14 @@ def sampling_defaults(source: str | Path) -> tuple[int, bool | None]:
     return recipe.get("sample_steps", 4), recipe.get("sample_shift")
 
 
+def recipe_layers(source: str | Path) -> tuple[int, ...] | None:
+    """A model's own concept-layer default: its recipe.json "layers" (the built-in model's were chosen on validation
+    scenes by `python -m shapes.eval --choose-layers`), or None (every double block). Used whenever no layers are
+    given (`--layers`, `Settings.layers`, a preset's)."""
+    layers = model_recipe(source).get("layers")
+    return None if layers is None else tuple(layers)
+
+
 class ConceptPipeline:
     """The method, written once for every model family: concept encoding, the sampling loop, the noised forward of
     `explain`, the reduction of the per-layer saliency to maps. A family (Flux here, SD3.5 in `sd3.pipeline`)
@@ -115,6 +123,7 @@ class ConceptPipeline:
     family = "?"
     block_kind = "blocks"  # how the family calls the blocks `layers` index, for messages
     offload = False
+    default_layers: tuple[int, ...] | None = None  # the model's own layers when none are given (its recipe.json)
 
     # ---- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,6 +159,23 @@ class ConceptPipeline:
                 f"layers {list(settings.layers)}: this model has {depth} {self.block_kind} (0..{depth - 1})"
             )
         return tuple(range(depth)) if keep_grid or settings.layers is None else settings.layers
+
+    def _default_layers(self, settings: Settings) -> tuple[Settings, str]:
+        """`settings` with the model's own layers (`default_layers`, from its recipe.json) when they name none;
+        -> (settings, where the layers come from: "given", "recipe.json" or "every block")."""
+        if settings.layers is not None:
+            return settings, "given"
+        if self.default_layers is None:
+            return settings, "every block"
+        if max(self.default_layers) >= self.depth:
+            raise ValueError(f"{self.source}/recipe.json: layers {list(self.default_layers)}, but this model has "
+                             f"{self.depth} {self.block_kind} (0..{self.depth - 1}); give layers")  # fmt: skip
+        return dataclasses.replace(settings, layers=self.default_layers), "recipe.json"
+
+    def _layer_record(self, settings: Settings, layers_from: str) -> dict:
+        """settings.json's account of the layers averaged and where they came from."""
+        used = list(range(self.depth)) if settings.layers is None else list(settings.layers)
+        return {"layers_used": used, "layers_from": layers_from}
 
     def _concept_input(self, tokens: Tensor, settings: Settings, layers, keep_grid: bool) -> ConceptInput:
         spaces = SPACES if keep_grid else (settings.space,)
@@ -201,6 +227,7 @@ class ConceptPipeline:
         guidance = self.guidance if guidance is None else guidance
         concepts = check_concepts(concepts)
         settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
+        settings, layers_from = self._default_layers(settings)  # the model's own layers when none are given
         check_size(height, width)
         check_count(num_steps, "num_steps", 1, MAX_STEPS)
         check_seed(seed)
@@ -228,6 +255,7 @@ class ConceptPipeline:
         record = {"mode": "generate", "model": self.source, "family": self.family, "prompt": prompt,
                   "height": height, "width": width, "num_steps": num_steps, "seed": seed,
                   "guidance": float(guidance), "timesteps": [round(t, 6) for t in timesteps]}  # fmt: skip
+        record.update(self._layer_record(settings, layers_from))
         return self._result(image, concepts, collector, height, width, settings, record)
 
     @torch.no_grad()
@@ -244,6 +272,7 @@ class ConceptPipeline:
         guidance embedding (FLUX.1-dev, default 3.5; the official code feeds 0); other models ignore it."""
         concepts = check_concepts(concepts)
         settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
+        settings, layers_from = self._default_layers(settings)  # the model's own layers when none are given
         t = check_t(t)
         check_count(num_samples, "num_samples", 1)
         check_seed(seed, num_samples)
@@ -286,6 +315,7 @@ class ConceptPipeline:
                   "height": height, "width": width, "input_size": list(input_size), "size_rule": size_rule, "t": t,
                   "num_samples": num_samples, "seed": seed,
                   "guidance": float(guidance) if self._uses_explain_guidance else None}  # fmt: skip
+        record.update(self._layer_record(settings, layers_from))
         return self._result(pil, concepts, collector, height, width, settings, record)
 
 
@@ -325,6 +355,7 @@ class ConceptAttentionPipeline(ConceptPipeline):
         self.max_length, self.source = max_length, source
         self.native_size = native_size  # the long side explain() resizes to when not told a size
         self.num_steps, self.schedule_shift = sampling_defaults(source) if source else (4, None)
+        self.default_layers = recipe_layers(source) if source else None  # the built-in model's: its recipe's
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance (schnell has no guidance embedding)
 
     @classmethod
@@ -506,7 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
             "An option given beside it wins",
         )
         p.add_argument("--space", choices=SPACES, help="saliency space (default: output, the paper's)")
-        p.add_argument("--layers", type=int, nargs="+", help="double-block indices averaged (default: all)")
+        p.add_argument(
+            "--layers",
+            type=int,
+            nargs="+",
+            help="double-block indices averaged (default: the model's own, recipe.json's layers, else all)",
+        )
         p.add_argument("--steps-used", type=int, nargs="+", help="sampling steps (or noise samples) averaged")
         p.add_argument("--target", choices=TARGETS, help="what concepts attend to (default: concepts+image)")
         p.add_argument("--token-rule", choices=TOKEN_RULES, help="multi-piece concepts (default: mean)")

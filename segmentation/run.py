@@ -251,7 +251,8 @@ def forward_maps(pipe, cache: MapCache, key: str, image, concepts: list[str], ca
                               seed=protocol.seed, settings=settings, keep_grid=True,
                               size=(image.height, image.width), progress=False)  # fmt: skip
         for m in missing:
-            maps[m.select_key] = result.select(space=m.space, softmax=m.softmax, layers=m.layers).float().cpu()
+            layers = result.layers if m.layers is None else m.layers  # "all" stays every block (not the recipe's)
+            maps[m.select_key] = result.select(space=m.space, softmax=m.softmax, layers=layers).float().cpu()
         cache.save(key, record, maps)
     return maps
 

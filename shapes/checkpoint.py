@@ -18,11 +18,17 @@ from mmdit import Flux
 from t5 import T5Encoder
 
 
-def save_weights(folder: Path, flux: Flux, t5: T5Encoder, recipe, seed: int) -> None:
-    """The transformer and text encoder with their configs and the recipe (a model folder, with the autoencoder)."""
+def save_weights(folder: Path, flux: Flux, t5: T5Encoder, recipe, seed: int, bf16: bool = False) -> None:
+    """The transformer and text encoder with their configs and the recipe (a model folder, with the autoencoder);
+    `bf16` halves the files (loading casts them back to the model's dtype)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(flux.state_dict(), folder / "flux.safetensors")
-    save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, folder / "t5.safetensors")
+
+    def kept(module) -> dict:
+        return {k: (v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v).contiguous()
+                for k, v in module.state_dict().items()}  # fmt: skip
+
+    save_file(kept(flux), folder / "flux.safetensors")
+    save_file(kept(t5), folder / "t5.safetensors")
     for name, config in (("flux", flux.config), ("t5", t5.config)):
         (folder / f"{name}_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     (folder / "recipe.json").write_text(json.dumps({"seed": seed, **dataclasses.asdict(recipe)}, indent=2) + "\n")
@@ -37,17 +43,17 @@ def save_checkpoint(
     generator: torch.Generator,
     recipe,
     seed: int,
+    light: bool = False,
 ) -> None:
     """Weights, optimizer and random states after `step` steps, written beside `folder` and then moved into place, so
-    a run killed at any moment leaves either the previous checkpoint or this one, whole."""
+    a run killed at any moment leaves either the previous checkpoint or this one, whole. `light`: bf16 weights and no
+    optimizer state (a checkpoint small enough to commit; resuming it restarts the optimizer)."""
     partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
     shutil.rmtree(partial, ignore_errors=True)
-    save_weights(partial, flux, t5, recipe, seed)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-    }
+    save_weights(partial, flux, t5, recipe, seed, bf16=light)
+    state = {"step": step, "generator": generator.get_state()}
+    if not light:
+        state["optimizer"] = optimizer.state_dict()
     torch.save(state, partial / "state.pt")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -63,17 +69,19 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     device: str,
-) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step to continue from."""
+) -> tuple[int, bool]:
+    """Restore what `save_checkpoint` wrote; returns the step to continue from and whether the optimizer state was
+    restored (a light checkpoint has none: the optimizer starts afresh)."""
     if not (folder / "state.pt").is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {folder / 'state.pt'} is missing")
     try:
         flux.load_state_dict(load_file(folder / "flux.safetensors", device=device), strict=True)
         t5.load_state_dict(load_file(folder / "t5.safetensors", device=device), strict=True)
         state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"].cpu())
-        return int(state["step"])
+        return int(state["step"]), "optimizer" in state
     except Exception as error:  # truncated, not a checkpoint, or another model's: none of these can be resumed
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"the checkpoint {folder} is damaged ({type(error).__name__}: {reason}); resume from "

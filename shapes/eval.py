@@ -44,7 +44,17 @@ from autoencoder import AutoEncoder, AutoEncoderConfig
 from checks import OneLineParser, check_count, check_finite, check_t, interrupted, terminate_as_interrupt
 from mmdit import ConceptInput, Flux, FluxConfig
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
-from shapes.scenes import COLOURS, SHAPES, WORLDS, Scene, SceneConfig, held_out_seeds, make_batch, make_scene
+from shapes.scenes import (
+    COLOURS,
+    SHAPES,
+    WORLDS,
+    Scene,
+    SceneConfig,
+    held_out_seeds,
+    make_batch,
+    make_scene,
+    validation_seeds,
+)
 from t5 import T5Config, T5Encoder, T5Tokenizer
 
 SAMPLE_PROMPTS = {  # per world (shapes.scenes.WORLDS): the prompts of the model card's samples.png, in its order
@@ -129,6 +139,18 @@ def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAP
 def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
     """Mean over layers of (B, ..., C, N) maps, each softmaxed over `softmax_dim` first when given (paper order)."""
     return torch.stack([m.softmax(softmax_dim) if softmax_dim is not None else m for m in per_layer]).mean(0)
+
+
+def layer_sets(depth: int) -> dict[str, tuple[int, ...]]:
+    """The concept-layer sets `--choose-layers` compares, in order of preference on a tie: every double block, the
+    deeper half (the paper reads the last 10 of FLUX.1's 19), each block alone."""
+    sets = {"all": tuple(range(depth)), "deeper half": tuple(range(depth // 2, depth))}
+    sets.update({f"block {i}": (i,) for i in range(depth)})
+    unique: dict[str, tuple[int, ...]] = {}
+    for name, layers in sets.items():
+        if layers not in unique.values():
+            unique[name] = layers
+    return unique
 
 
 def attention_budget(
@@ -269,6 +291,9 @@ def evaluate(
     for name, m in maps.items():
         for key, value in score(m.reshape(B, -1, h, w), scenes, words).items():
             results[f"alone/{name}/{key}"] = value
+    if layers is None and len(sal) > 1:  # the deeper half alone (the paper's read-out), beside every block
+        deeper = layer_mean([by_block[i].output for i in sorted(by_block)[len(sal) // 2 :]], softmax_dim=1)
+        results["alone/output_softmax_deeper/miou"] = score(deeper.reshape(B, -1, h, w), scenes, words)["miou"]
     results.update(attention_budget(sal, scenes, h, w, concepts))
     results.update(routing_diagnostics(by_block, scenes, h, w, concepts, words))
 
@@ -292,6 +317,72 @@ def evaluate(
         for key, value in score(m.reshape(B, -1, h, w), scenes, positions).items():
             results[f"context/{name}/{key}"] = value
     return results
+
+
+@torch.no_grad()
+def choose_layers(folder: Path, scenes: int = 500, t: float = 0.5, seed: int = 0) -> dict:
+    """The concept-layer set of `layer_sets` whose output space with softmax over the concepts (the paper's map) scores
+    the highest mIoU on `scenes` VALIDATION scenes (`validation_seeds`: no test scene is ever used) at noise level t;
+    -> {"layers": [...], "layers_chosen": {how, and every candidate's score}}, what `write_layers` puts in
+    recipe.json."""
+    flux, t5, tok, ae, max_length = load(folder)
+    world = json.loads((Path(folder) / "recipe.json").read_text()).get("world", "full")
+    config = SceneConfig(size=ae.config.resolution, **WORLDS[world])
+    concepts, _ = world_concepts(world)
+    seeds = validation_seeds(scenes)
+    drawn = [make_scene(s, config) for s in seeds]
+    per_block: list[Tensor] = []  # (L, C, N) softmaxed over concepts, per scene
+    for i in range(0, scenes, 50):
+        part = drawn[i : i + 50]
+        latents = ae.encode(make_batch(seeds[i : i + 50], config)[0])
+        B, _, h2, w2 = latents.shape
+        common = dict(
+            img=pack(noised(latents, t, seed + i)),
+            img_ids=image_ids(B, config.size, config.size),
+            txt=t5(tok([s.caption for s in part], max_length)),
+            txt_ids=text_ids(B, max_length),
+            timesteps=torch.full((B,), t),
+            y=torch.zeros(B, flux.config.vec_in_dim),
+        )
+        alone = encode_alone(t5, tok, list(concepts), max_length)[None].expand(B, -1, -1)
+        out = flux(**common, concepts=ConceptInput(alone, spaces=("output",)), stop_after_double=True)
+        per_block.append(torch.stack([out.saliency[j].output.float().softmax(1) for j in sorted(out.saliency)], 1))
+    maps = torch.cat(per_block)  # (S, L, C, N)
+    h, w = h2 // 2, w2 // 2
+    words = [list(concepts)] * scenes
+    candidates = layer_sets(flux.config.depth)
+    scores = {
+        name: round(score(maps[:, list(layers)].mean(1).reshape(scenes, -1, h, w), drawn, words)["miou"], 4)
+        for name, layers in candidates.items()
+    }
+    best = max(scores, key=lambda name: scores[name])  # the first of equals: max keeps the earliest
+    how = {
+        "split": f"validation scenes, seeds {seeds[0]}..{seeds[-1]} (never a test scene)",
+        "scenes": scenes,
+        "t": t,
+        "metric": "output space, softmax over concepts, mean-threshold mIoU (python -m shapes.eval --choose-layers)",
+        "chosen": best,
+        "scores": {f"{name} {list(layers)}": scores[name] for name, layers in candidates.items()},
+    }
+    return {"layers": list(candidates[best]), "layers_chosen": how}
+
+
+def write_layers(folder: Path, choice: dict) -> None:
+    """Put `choose_layers`' choice into the folder's recipe.json (its other fields unchanged)."""
+    path = Path(folder) / "recipe.json"
+    recipe = json.loads(path.read_text())
+    recipe.update(choice)
+    path.write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def recipe_layers(recipe: dict, depth: int) -> tuple[int, ...] | None:
+    """A recipe's concept-layer default ("layers"), or None (every block) when it has none."""
+    layers = recipe.get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not layers or any(type(i) is not int or not 0 <= i < depth for i in layers):
+        raise ValueError(f"recipe.json: layers = {layers!r}, expected a list of double-block indices 0..{depth - 1}")
+    return tuple(layers)
 
 
 def load(folder: Path, device: str = "cpu") -> tuple[Flux, T5Encoder, T5Tokenizer, AutoEncoder, int]:
@@ -364,6 +455,17 @@ def main() -> int:
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--t", type=float, nargs="+", default=[0.5])
     parser.add_argument("--per-layer", action="store_true", help="also score each double block alone")
+    parser.add_argument(
+        "--layers",
+        default="recipe",
+        help="double blocks averaged: 'recipe' (the recipe's layers, else all; the default), 'all', or indices '2,3'",
+    )
+    parser.add_argument(
+        "--choose-layers",
+        action="store_true",
+        help="choose the recipe's concept layers on --scenes VALIDATION scenes (best output-space softmax mIoU of "
+        "all, the deeper half and each block) and write them to the folder's recipe.json",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=Path, default=None, help="also draw the world's SAMPLE_PROMPTS here")
     parser.add_argument(
@@ -389,8 +491,24 @@ def evaluate_command(args: argparse.Namespace) -> int:
     check_count(args.seed, "--seed", 0, 2**63 - 1 - args.scenes)
     if args.samples is not None and not args.samples.parent.is_dir():
         raise ValueError(f"--samples {args.samples}: the folder {args.samples.parent} does not exist")
+    if args.choose_layers:
+        choice = choose_layers(args.weights, args.scenes, args.t[0], args.seed)
+        write_layers(args.weights, choice)
+        print(json.dumps(choice), flush=True)
+        return 0
     flux, t5, tok, ae, max_length = load(args.weights)
     recipe = json.loads((args.weights / "recipe.json").read_text())
+    if args.layers == "recipe":
+        chosen = recipe_layers(recipe, flux.config.depth)
+    elif args.layers == "all":
+        chosen = None
+    else:
+        try:
+            chosen = tuple(int(i) for i in args.layers.split(","))
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: give recipe, all, or block indices such as 2,3") from None
+        if min(chosen) < 0 or max(chosen) >= flux.config.depth:
+            raise ValueError(f"--layers {args.layers}: this model has {flux.config.depth} double blocks")
     world = recipe.get("world", "full")
     if world not in WORLDS:
         raise ValueError(f"{args.weights / 'recipe.json'}: world {world!r} is not one of {sorted(WORLDS)}")
@@ -402,7 +520,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
             steps = recipe.get("sample_steps", 20)
             save_samples(sample(flux, t5, tok, ae, prompts, max_length, steps, args.seed), args.samples)
     scenes = [make_scene(s, config) for s in held_out_seeds(args.scenes)]
-    layer_sets = [None] + ([(i,) for i in range(flux.config.depth)] if args.per_layer else [])
+    layer_sets = [chosen] + ([(i,) for i in range(flux.config.depth)] if args.per_layer else [])
     with torch.no_grad():
         latents = torch.cat(
             [ae.encode(make_batch(held_out_seeds(50, i), config)[0]) for i in range(0, args.scenes, 50)]

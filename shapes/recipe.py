@@ -60,6 +60,9 @@ class Recipe:
     sample_shift: bool = False  # `generate --model` when the user does not set them
     eval_every: int = 500
     eval_scenes: int = 100
+    eval_split: str = "test"  # the held-out scenes of the evaluations: "test" or "validation" (shapes.scenes)
+    light_checkpoints: bool = False  # checkpoints and step weights in bf16, no optimizer state (small enough to
+    # commit); resuming one restarts AdamW with a short warm-up (shapes.train.REWARM steps)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # types first: a JSON "128" or a bool where a count goes is refused
@@ -102,6 +105,8 @@ class Recipe:
             raise ValueError(f"caption_variants must be at least 1, got {self.caption_variants}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be test or validation, got {self.eval_split!r}")
         if self.t_sampler not in ("logit_normal", "uniform"):
             raise ValueError(f"t_sampler must be logit_normal or uniform, got {self.t_sampler!r}")
 

@@ -34,6 +34,11 @@ COLOURS = {
 }
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 HELD_OUT_SEED_START = 1_000_000_000  # training never draws seeds at or above this
+# The held-out seeds are split in two ranges that never meet: TEST scenes (`held_out_seeds`: every number the model
+# card and the README report) from HELD_OUT_SEED_START, VALIDATION scenes (`validation_seeds`: what a model's choices,
+# such as its recipe's concept layers, are made on) from VALIDATION_SEED_START.
+VALIDATION_SEED_START = 1_500_000_000
+SPLIT_SIZE = VALIDATION_SEED_START - HELD_OUT_SEED_START  # the most scenes either held-out split can hold
 # Scene worlds by name (SceneConfig fields). "simple" is the research log's r9 world; "shaded" is "simple" with larger
 # shapes, each painted in a shade of its colour that no caption names (shapes/MODEL_CARD.md, third round).
 _SIMPLE = {"shapes": SHAPES[:3], "colours": ("red", "green", "blue"), "backgrounds": ("black",)}
@@ -224,8 +229,20 @@ def model_scenes(folder: str | Path, size: int | None = None) -> SceneConfig:
 
 
 def held_out_seeds(count: int, start: int = 0) -> list[int]:
-    """Seeds of the held-out scenes (never drawn in training)."""
-    return [HELD_OUT_SEED_START + start + i for i in range(count)]
+    """Seeds of the held-out TEST scenes (never drawn in training, never used to choose anything)."""
+    return [HELD_OUT_SEED_START + i for i in _split_range(count, start)]
+
+
+def validation_seeds(count: int, start: int = 0) -> list[int]:
+    """Seeds of the held-out VALIDATION scenes (never drawn in training, disjoint from every test seed): the split a
+    model's choices are made on (`python -m shapes.eval --choose-layers`)."""
+    return [VALIDATION_SEED_START + i for i in _split_range(count, start)]
+
+
+def _split_range(count: int, start: int) -> range:
+    if start < 0 or count < 0 or start + count > SPLIT_SIZE:
+        raise ValueError(f"held-out scenes {start}..{start + count - 1}: a split holds seeds 0..{SPLIT_SIZE - 1}")
+    return range(start, start + count)
 
 
 def training_seeds(generator: torch.Generator, count: int) -> list[int]:

@@ -47,7 +47,7 @@ from shapes.autoencoding import (
 from shapes.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from shapes.eval import isolation_mask
 from shapes.recipe import Recipe, add_recipe_flags, flux_config, lr_at, recipe_from, scene_config, t5_config
-from shapes.scenes import held_out_seeds, make_scene
+from shapes.scenes import held_out_seeds, make_scene, validation_seeds
 from t5 import T5Encoder
 
 __all__ = ["Recipe", "train"]
@@ -134,6 +134,7 @@ def scaled_for_batch(recipe: Recipe, batch: int, step_seconds: float, minutes: f
     return dataclasses.replace(recipe, batch=batch, lr=lr, steps=steps)
 
 
+REWARM = 100  # steps of linear warm-up after resuming a light checkpoint (its optimizer state was not kept)
 RUN_FILES = ("run.json", "log.jsonl", "checkpoint", "flux.safetensors", "t5.safetensors", "ae.safetensors", "steps")
 
 
@@ -214,7 +215,10 @@ def train(
         log({"stage": "ae", "held_out_mse": mse})
         save_autoencoder(ae, out)
         torch.save({"world": recipe.world, "train": data.latents.cpu()}, out / "latents.pt")
-    held_scenes = [make_scene(s, scene_config(recipe)) for s in held_out_seeds(recipe.eval_scenes)]
+    split = validation_seeds if recipe.eval_split == "validation" else held_out_seeds
+    held_scenes = [make_scene(s, scene_config(recipe)) for s in split(recipe.eval_scenes)]
+    if not resume:
+        copy_autoencoder(reuse, out, recipe)  # the run's folder is a whole model folder from the start
     held_captions = [s.caption for s in held_scenes]
     held_latents = encode_scenes(ae, held_scenes, device)
     log({"stage": "data", "latents": list(data.latents.shape), "std": data.latents.std().item()})
@@ -264,10 +268,13 @@ def train(
         log({"stage": "batch_probe", "seconds_per_step": timings, "batch": chosen, "lr": recipe.lr,
              "steps": recipe.steps})  # fmt: skip
     optimizer = new_optimizer()
-    step = 0
+    step, rewarm_from = 0, None
     if resume:
-        step = load_checkpoint(out / "checkpoint", flux, t5, optimizer, generator, device)
-        log({"stage": "resume", "step": step})
+        step, restored = load_checkpoint(out / "checkpoint", flux, t5, optimizer, generator, device)
+        rewarm_from = None if restored else step
+        sessions = 2 + sum(1 for line in (out / "log.jsonl").read_text().splitlines() if '"stage": "resume"' in line)
+        log({"stage": "resume", "step": step, "session": sessions, "optimizer": "restored" if restored else
+             f"restarted, {REWARM} warm-up steps"})  # fmt: skip
     probe = probe_batch(held_latents[:32], tok(held_captions[:32], recipe.max_length).to(device), seed)
     deadline = math.inf if minutes is None else time.time() + 60 * minutes
     last_checkpoint = last_eval = time.time()
@@ -285,27 +292,40 @@ def train(
                     for k, v in part.items():
                         scores[k] = scores.get(k, 0.0) + v * len(held_scenes[i : i + 50]) / recipe.eval_scenes
             log({"stage": "eval", "step": step, **{k: round(v, 4) for k, v in scores.items()}})
-            save_weights(out / "steps" / f"{step:06d}", flux, t5, recipe, seed)  # for the dose-response tables
+            save_weights(out / "steps" / f"{step:06d}", flux, t5, recipe, seed, bf16=recipe.light_checkpoints)
             flux.train()
             last_eval = time.time()
         if step == recipe.steps or out_of_time:
             break
         share = isolate_share(recipe, step)
-        loss = training_step(optimizer, recipe.batch, lr_at(step, recipe.steps, recipe.warmup, recipe.lr), share)
+        lr = lr_at(step, recipe.steps, recipe.warmup, recipe.lr)
+        if rewarm_from is not None:
+            lr *= min(1.0, (step - rewarm_from + 1) / REWARM)
+        loss = training_step(optimizer, recipe.batch, lr, share)
         step += 1
         if step % 100 == 0:
             log({"stage": "flux", "step": step, "loss": round(loss.item(), 5), "isolate": round(share, 4)})
         if time.time() - last_checkpoint > checkpoint_seconds:
-            save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed)
+            save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed,
+                            light=recipe.light_checkpoints)  # fmt: skip
             last_checkpoint = time.time()
 
-    save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed)
+    save_checkpoint(out / "checkpoint", step, flux, t5, optimizer, generator, recipe, seed,
+                    light=recipe.light_checkpoints)  # fmt: skip
     save_weights(out, flux, t5, recipe, seed)
-    if reuse is not None and reuse.resolve() != out.resolve():
-        for name in ("ae.safetensors", "ae_config.json"):
-            (out / name).write_bytes((reuse / name).read_bytes())
+    copy_autoencoder(reuse, out, recipe)
     log({"stage": "done", "step": step, "time_total": round(time.time() - start, 1)})
     return recipe
+
+
+def copy_autoencoder(reuse: Path | None, out: Path, recipe: Recipe) -> None:
+    """A reused autoencoder's files into the run's folder, its config's resolution set to the recipe's size (the
+    autoencoder is convolutional; the resolution tells `shapes.eval` and the pipeline what size the model works at)."""
+    if reuse is None or reuse.resolve() == out.resolve():
+        return
+    (out / "ae.safetensors").write_bytes((reuse / "ae.safetensors").read_bytes())
+    config = json.loads((reuse / "ae_config.json").read_text())
+    (out / "ae_config.json").write_text(json.dumps({**config, "resolution": recipe.size}, indent=2) + "\n")
 
 
 def main() -> int:
@@ -352,13 +372,13 @@ def checked_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace)
     check_device(args.device)
     check_count(args.seed, "--seed", 0, 2**63 - 1)
     check_count(args.threads, "--threads", 0)
-    check_count(args.workers, "--workers", 0)
+    check_count(args.workers, "--workers", 0, 1024)
     for name in ("minutes", "eval_minutes", "probe_seconds"):
         value = getattr(args, name)
         if value is not None and check_number(value, f"--{name.replace('_', '-')}") <= 0:
             raise ValueError(f"--{name.replace('_', '-')} = {value}: give a positive number")
     for b in args.batch_probe:
-        check_count(b, "--batch-probe", 1)
+        check_count(b, "--batch-probe", 1, 2**31 - 1)
     for name, path in (("--ae", args.ae), ("--bank", args.bank)):
         if path is not None and not path.exists():
             raise ValueError(f"{name} {path} does not exist")

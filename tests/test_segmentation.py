@@ -304,6 +304,7 @@ def test_blur_matches_scipy():
 class FakeResult:
     def __init__(self, brightness, concepts, noise):
         self.brightness, self.concepts, self.noise = brightness, concepts, noise
+        self.layers = None  # the blocks recorded (a real result: every block); these maps do not depend on them
 
     def select(self, space=None, softmax=None, layers=None, steps=None):
         """output: the class concept is the image brightness (an oracle); value: its negative; attention: noise."""

@@ -336,6 +336,32 @@ def test_budget_stops_a_run_and_resume_continues_it_exactly(tmp_path):
     assert worst == 0.0  # optimizer, random streams and schedule all continue where they were
 
 
+def test_light_checkpoints_are_small_and_resume_with_a_fresh_optimizer(tmp_path):
+    from safetensors.torch import load_file
+
+    from shapes.train import REWARM, Recipe, train
+
+    recipe = Recipe(world="shaded", t5_layers=0, steps=30, eval_every=1000, light_checkpoints=True,
+                    eval_split="validation", **TINY)  # fmt: skip
+    train(recipe, tmp_path / "whole", "cpu", seed=0)
+    train(recipe, tmp_path / "cut", "cpu", seed=0, reuse=tmp_path / "whole", minutes=0.003)
+    checkpoint = tmp_path / "cut" / "checkpoint"
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    assert "optimizer" not in state and 0 < state["step"] < 30  # weights only: small enough to commit
+    assert all(v.dtype == torch.bfloat16 for v in load_file(checkpoint / "flux.safetensors").values())
+    stopped = state["step"]
+    assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "cut" / "steps" / f"{stopped:06d}" /
+                                                              "flux.safetensors").values())  # fmt: skip
+    train(recipe, tmp_path / "cut", "cpu", seed=0, reuse=tmp_path / "whole", resume=True)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["stage"] == "resume"]
+    assert resumed[-1]["step"] == stopped and resumed[-1]["session"] == 2
+    assert resumed[-1]["optimizer"] == f"restarted, {REWARM} warm-up steps"
+    assert records[-1]["stage"] == "done" and records[-1]["step"] == 30
+    ae_config = json.loads((tmp_path / "cut" / "ae_config.json").read_text())
+    assert ae_config["resolution"] == recipe.size  # a whole model folder at the recipe's size
+
+
 def test_batch_probe_times_steps_with_the_given_clock_and_picks_the_largest_cheap_batch():
     from shapes.train import Recipe, choose_batch, scaled_for_batch, seconds_per_step
 
@@ -552,3 +578,105 @@ def test_eval_command_errors_are_one_line(tmp_path, argv, message):
     weights = [] if "--weights" in argv else ["--weights", WEIGHTS]
     code, err = shapes_command("shapes.eval", *weights, *argv)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# ---- the model's own concept layers (recipe.json "layers", chosen on validation scenes) --------------------------
+def model_copy(folder: Path, **changes) -> Path:
+    """A copy of the built-in model whose recipe.json has `changes` (a value None removes the key)."""
+    import shutil
+
+    from concept_attention import BUILTIN_MODEL
+
+    shutil.copytree(BUILTIN_MODEL, folder)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    recipe.update(changes)
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    return folder
+
+
+def test_validation_and_test_scenes_never_meet():
+    from shapes.scenes import SPLIT_SIZE, VALIDATION_SEED_START, validation_seeds
+
+    last_test = held_out_seeds(1, start=SPLIT_SIZE - 1)[0]
+    assert last_test < VALIDATION_SEED_START == validation_seeds(1)[0]
+    assert set(held_out_seeds(1000)).isdisjoint(validation_seeds(1000))
+    assert max(training_seeds(torch.Generator().manual_seed(0), 1000)) < HELD_OUT_SEED_START
+    for split in (held_out_seeds, validation_seeds):
+        with pytest.raises(ValueError, match="a split holds"):
+            split(2, start=SPLIT_SIZE - 1)  # a test range can never run into the validation range
+
+
+def test_choose_layers_uses_validation_scenes_only_and_writes_the_recipe(tmp_path, monkeypatch):
+    from shapes import eval as alignment
+
+    folder = model_copy(tmp_path / "model", layers=None, layers_chosen=None)
+
+    def no_test_scenes(*args, **kwargs):
+        raise AssertionError("choose_layers drew a TEST scene")
+
+    monkeypatch.setattr(alignment, "held_out_seeds", no_test_scenes)
+    choice = alignment.choose_layers(folder, scenes=50)
+    alignment.write_layers(folder, choice)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    how = recipe["layers_chosen"]
+    assert recipe["layers"] == choice["layers"] and "validation" in how["split"] and how["scenes"] == 50
+    candidates = alignment.layer_sets(4)
+    assert list(candidates) == ["all", "deeper half", "block 0", "block 1", "block 2", "block 3"]
+    assert candidates["deeper half"] == (2, 3)
+    best = max(how["scores"].values())
+    assert how["scores"][f"{how['chosen']} {recipe['layers']}"] == best
+    assert recipe["world"] == "shaded" and recipe["sample_steps"] == 50  # the rest of the recipe unchanged
+
+
+def test_a_recipes_layers_are_the_default_and_recorded_and_given_layers_win(tmp_path):
+    from PIL import Image
+
+    from concept_attention import ConceptAttentionPipeline, Settings, main
+
+    folder = model_copy(tmp_path / "model", layers=[2, 3])
+    scene = make_scene(held_out_seeds(1, start=3)[0], SceneConfig(size=128, **WORLDS["shaded"]))
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(image)
+    concepts = ["circle", "square", "triangle", "background"]
+    pipe = ConceptAttentionPipeline.from_pretrained(folder)
+    assert pipe.default_layers == (2, 3)
+    own = pipe.explain(image, concepts, progress=False)
+    given = pipe.explain(image, concepts, settings=Settings(layers=(2, 3)), progress=False)
+    every = pipe.explain(image, concepts, settings=Settings(layers=(0, 1, 2, 3)), progress=False)
+    kept = pipe.explain(image, concepts, keep_grid=True, progress=False)
+    assert torch.equal(own.maps, given.maps) and not torch.allclose(own.maps, every.maps)
+    assert torch.allclose(kept.maps, own.maps, atol=1e-6)  # the kept grid has every block; the maps are still (2, 3)
+    assert kept.layers == (0, 1, 2, 3)
+    assert own.record["layers_used"] == [2, 3] and own.record["layers_from"] == "recipe.json"
+    assert given.record["layers_from"] == "given" and every.record["layers_used"] == [0, 1, 2, 3]
+    plain = ConceptAttentionPipeline.from_pretrained(model_copy(tmp_path / "plain", layers=None))
+    assert plain.default_layers is None
+    result = plain.explain(image, concepts, progress=False)
+    assert torch.allclose(result.maps, every.maps, atol=1e-6) and result.record["layers_from"] == "every block"
+    # the command line: settings.json says which layers were averaged and where they came from; --layers wins
+    for extra, used, source in (([], [2, 3], "recipe.json"), (["--layers", "1"], [1], "given")):
+        out = tmp_path / f"out{len(extra)}"
+        argv = ["explain", "--model", str(folder), "--image", str(image), "--concepts", *concepts, "--out", str(out)]
+        assert main(argv + extra) == 0
+        settings = json.loads((out / "settings.json").read_text())
+        assert settings["layers_used"] == used and settings["layers_from"] == source
+        assert settings["settings"]["layers"] == used
+
+
+@pytest.mark.parametrize("layers", ["2", [], [1, 1], [True], [-1]])
+def test_a_damaged_recipe_layers_is_named(tmp_path, layers):
+    from checks import model_recipe
+
+    folder = model_copy(tmp_path / "model", layers=layers)
+    with pytest.raises(ValueError, match="layers = .*expected a list of distinct double-block indices"):
+        model_recipe(folder)
+
+
+def test_recipe_layers_beyond_the_model_are_named(tmp_path):
+    from concept_attention import ConceptAttentionPipeline
+
+    pipe = ConceptAttentionPipeline.from_pretrained(model_copy(tmp_path / "model", layers=[7]))
+    scene = make_scene(held_out_seeds(1)[0], SceneConfig(size=128, **WORLDS["shaded"]))
+    with pytest.raises(ValueError, match="recipe.json: layers \\[7\\], but this model has 4 double blocks"):
+        pipe.explain(torch.from_numpy(scene.image).permute(2, 0, 1) / 255, ["circle", "background"], progress=False)

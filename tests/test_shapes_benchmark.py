@@ -33,3 +33,19 @@ def test_benchmark_runs_and_baselines_are_right(tmp_path, capsys):
     single = summary["shapes-single"]["baselines"]["all background"]
     per_item = [1 - s.masks[kind].mean() for s in scenes for _, kind in s.shapes]
     assert single["acc"] == pytest.approx(np.mean(per_item))
+
+
+def test_layers_all_stays_every_block_when_the_recipe_names_its_own(tmp_path):
+    """The harness's "layers=all" rows average every block even for a model whose recipe.json has a layer default."""
+    write_model_folder(tmp_path / "model")
+    argv = ["--scenes", "2", "--size", "32", "--t", "0.5"]
+    assert benchmark.main(["--model", str(tmp_path / "model"), *argv, "--out", str(tmp_path / "plain")]) == 0
+    recipe_file = tmp_path / "model" / "recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    recipe_file.write_text(json.dumps({**recipe, "layers": [0]}))
+    assert benchmark.main(["--model", str(tmp_path / "model"), *argv, "--out", str(tmp_path / "own")]) == 0
+    for name in ("shapes-multi", "shapes-single"):
+        plain, own = (
+            json.loads((tmp_path / d / "summary.json").read_text())[name]["methods"] for d in ("plain", "own")
+        )
+        assert plain == own
