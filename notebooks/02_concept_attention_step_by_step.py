@@ -39,12 +39,13 @@
 # coloured shapes (`shapes/scenes.py`), so that everything here runs on a laptop with nothing to download.
 #
 # **It is small, and its ConceptAttention maps localise only a little.** Its model card,
-# [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md), measures them on 500 held-out scenes: the paper's output-space
-# maps score 0.36 mIoU where an untrained model scores 0.31-0.32 (a perfect 8 x 8 map would score about 0.71); the
-# raw output space (0.46) and the attention scores (0.48) do better. The model draws the colours its caption names,
-# and its maps lean towards the named shape on some scenes, not on all. So read this notebook for the **mechanics**:
-# every step and every `check(...)` below is exact whatever the weights, and the maps you see here are a weak signal,
-# not a segmentation. With a better-trained model (`NOTEBOOK_MODEL` set to its folder) or the real
+# [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md), measures them on 500 held-out scenes: the paper's output-space maps
+# score 0.40 mIoU read from the model's own concept layer (block 2, named in its recipe.json; 0.36 with all four blocks
+# averaged) where an untrained model scores 0.31-0.32, a centred disc that ignores the image 0.51 and a perfect 8 x 8
+# map 0.735; the raw output space (0.53) and the attention scores (0.52) do better. The model draws the colours its
+# caption names, and its maps lean towards the named shape on some scenes, not on all. So read this notebook for the
+# **mechanics**: every step and every `check(...)` below is exact whatever the weights, and the maps you see here are a
+# weak signal, not a segmentation. With a better-trained model (`NOTEBOOK_MODEL` set to its folder) or the real
 # FLUX.1-schnell (`NOTEBOOK_MODEL=black-forest-labs/FLUX.1-schnell`, a GPU, and notebook 3's `RUN_REAL` cells for a
 # benchmark) the same cells show and measure real localisation.
 
@@ -344,12 +345,13 @@ for j in (0, C - 1):  # the first shape, and the background
     plt.show()
 
 # %% [markdown]
-# The final maps (`generated.maps`, the mean over the whole grid) laid over the generated image, with
+# The final maps (`generated.maps`: the mean over every step of the model's own layers, its recipe.json `layers`,
+# block 2 for the shapes model; every layer for a model without them) laid over the generated image, with
 # `ConceptResult.overlay()`:
 
 # %%
 print("maps:", tuple(generated.maps.shape), "(C, H/16, W/16)")
-check("select() over everything equals .maps", torch.allclose(generated.select(), generated.maps))
+check("select() with the result's settings equals .maps", torch.allclose(generated.select(), generated.maps))
 plt.figure(figsize=(2.2 * (C + 1), 2.6))
 plt.imshow(generated.overlay())
 plt.axis("off")
@@ -393,15 +395,16 @@ plt.show()
 # %% [markdown]
 # ## 6. Overlays on the held-out scene
 #
-# Back to the real image: `pipe.explain` with the default settings (output space, softmax, all double blocks,
-# `t = 0.5`, one noise sample). Top: the maps over the image. Bottom: `result.masks("argmax")` (each pixel goes to its
-# best concept) next to the true masks, with the IoU of each pair.
+# Back to the real image: `pipe.explain` with the default settings (output space, softmax, the model's own concept
+# layers, `pipe.default_layers` from its recipe.json, else all double blocks; `t = 0.5`, one noise sample). Top: the
+# maps over the image. Bottom: `result.masks("argmax")` (each pixel goes to its best concept) next to the true masks,
+# with the IoU of each pair.
 #
-# **What to expect from the shapes model:** its maps localise only a little (model card: 0.36 mIoU on 500 held-out
-# scenes, an untrained model 0.31-0.32), so do not expect the argmax masks to follow the true shapes closely: one
-# scene's IoUs vary a lot around that level. These cells are the measurement: run
-# them with a better-trained model or FLUX.1-schnell and the same IoUs say how well it localises each concept.
-# Notebook 3 scores many scenes instead of one.
+# **What to expect from the shapes model:** its maps localise only a little (model card: 0.40 mIoU on 500 held-out
+# test scenes with its block 2, 0.36 with all blocks averaged; an untrained model 0.31-0.32, a centred disc 0.51), so do
+# not expect the argmax masks to follow the true shapes closely: one scene's IoUs vary a lot around that level. These
+# cells are the measurement: run them with a better-trained model or FLUX.1-schnell and the same IoUs say how well it
+# localises each concept. Notebook 3 scores many scenes instead of one.
 
 # %%
 explained = pipe.explain(image, concepts, prompt=scene.caption, progress=False)

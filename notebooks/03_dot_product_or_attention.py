@@ -42,13 +42,14 @@
 # **Which model?** `MODEL` (environment variable `NOTEBOOK_MODEL`, default `"shapes"`) is the project's built-in shapes
 # model, shipped in `shapes/weights/`: a small Flux (2.75 M parameters, 4 double blocks) with a small T5 and
 # autoencoder, trained for about 35 minutes on a CPU (notebook 2 and [`shapes/MODEL_CARD.md`](../shapes/MODEL_CARD.md)
-# say more). **Its maps localise only a little**: on 500 held-out scenes its model card measures 0.36 mIoU for the
-# paper's output space (softmax), 0.46 without the softmax and 0.48 for the attention scores, where an untrained model
-# scores 0.31-0.32 and a perfect 8 x 8 map about 0.71 (the card's metric, close to but not the same as this
-# notebook's). So on this model the benchmark below shows how the harness works and how the spaces behave on a model
-# that has only begun to localise words; it cannot settle which space is better for a model that localises well.
-# With a better-trained model (`NOTEBOOK_MODEL` set to its folder), or the real FLUX.1-schnell in the `RUN_REAL` cells
-# of section 5, the same cells measure real localisation and answer the question.
+# say more). **Its maps localise only a little**: on 500 held-out scenes, all four blocks averaged (as the harness's
+# "layers=all" rows below), its model card measures 0.36 mIoU for the paper's output space (softmax; 0.40 from block 2,
+# the model's own concept layer), 0.46 without the softmax and 0.48 for the attention scores, where an untrained model
+# scores 0.31-0.32 and a perfect 8 x 8 map about 0.71 (the card's metric, close to but not the same as this notebook's).
+# So on this model the benchmark below shows how the harness works and how the spaces behave on a model that has only
+# begun to localise words; it cannot settle which space is better for a model that localises well. With a better-trained
+# model (`NOTEBOOK_MODEL` set to its folder), or the real FLUX.1-schnell in the `RUN_REAL` cells of section 5, the same
+# cells measure real localisation and answer the question.
 #
 # Speed: by default 40 scenes and 3 noise levels (about a minute on a laptop CPU). Set the environment variable
 # `NOTEBOOK_FULL=1` for 300 scenes and 5 noise levels.
