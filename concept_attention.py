@@ -41,10 +41,13 @@ from torch import Tensor
 import imaging
 from checks import (
     InputWarning,
+    OneLineParser,
     check_count,
     check_device,
+    check_flag,
     check_seed,
     check_t,
+    index,
     interrupted,
     model_recipe,
     terminate_as_interrupt,
@@ -77,6 +80,7 @@ def memory_mode(memory: str, offload: bool) -> str:
     """The memory mode, with `offload=True` (the older option) standing for "offload" when `memory` is "full"."""
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory mode {memory!r}: choose one of {', '.join(MEMORY_MODES)}")
+    check_flag(offload, "offload")
     return "offload" if offload and memory == "full" else memory
 
 
@@ -490,7 +494,7 @@ def _settings_from_args(args: argparse.Namespace, family: str = "flux") -> Setti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="concept_attention.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="concept_attention.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate an image and its concept maps")
     gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a cat on the grass under the sky'")
@@ -539,11 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--space", choices=SPACES, help="saliency space (default: output, the paper's)")
         p.add_argument(
             "--layers",
-            type=int,
+            type=index,
             nargs="+",
             help="double-block indices averaged (default: the model's own, recipe.json's layers, else all)",
         )
-        p.add_argument("--steps-used", type=int, nargs="+", help="sampling steps (or noise samples) averaged")
+        p.add_argument("--steps-used", type=index, nargs="+", help="sampling steps (or noise samples) averaged")
         p.add_argument("--target", choices=TARGETS, help="what concepts attend to (default: concepts+image)")
         p.add_argument("--token-rule", choices=TOKEN_RULES, help="multi-piece concepts (default: mean)")
         p.add_argument("--no-softmax", action="store_true", help="skip the softmax over concepts")

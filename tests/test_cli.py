@@ -305,3 +305,28 @@ def test_a_one_token_map_gives_an_empty_mask_not_scattered_pixels():
     result = saliency.ConceptResult(Image.new("RGB", (16, 16)), ["cat", "sky"], torch.tensor([[[0.3]], [[0.7]]]),
                                     saliency.Settings(), {})  # fmt: skip
     assert not result.masks("mean").any()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-steps", "x"], "argument --num-steps: invalid int value: 'x'"),
+        (["--layers", "-3"], "argument --layers: -3 is below 0"),
+        (["--steps-used", "-1"], "argument --steps-used: -1 is below 0"),
+        (["--space", "rainbow"], "argument --space: invalid choice: 'rainbow'"),
+    ],
+)
+def test_usage_errors_are_one_line_too(model_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        concept_attention.main(["generate", "--model", str(model_dir), "--prompt", "a cat", "--concepts", "cat", "sky",
+                                "--out", str(tmp_path / "out"), *argv])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_too_many_samples_name_the_samples_not_only_the_seed(model_dir, tmp_path, capsys, no_loading):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky",
+                       "--samples", str(10**20), "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "with 100000000000000000000 noise samples" in err, err

@@ -388,3 +388,11 @@ def test_a_dtype_given_as_a_string_and_a_tilde_image_path(tmp_path, monkeypatch)
     assert imaging.load_image("~/x.png").size == (16, 16)  # expanded, as --out is
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         imaging.load_image("~")
+
+
+def test_offload_must_be_a_bool():
+    from concept_attention import memory_mode
+
+    with pytest.raises(ValueError, match="offload = 'yes'"):
+        memory_mode("full", "yes")
+    assert memory_mode("full", True) == "offload"
