@@ -120,3 +120,17 @@ def test_a_recipe_json_that_is_a_folder_is_refused(model, tmp_path, capsys):
     (model / "recipe.json").mkdir()
     code, err = generate(capsys, model, tmp_path / "out")
     assert code == 2 and "recipe.json is not a file" in err, err
+
+
+def test_a_list_as_any_components_config_is_named(tmp_path):
+    """The loaders of every family (SD3.5, CogVideoX too) read config.json through `read_config`."""
+    from weights.errors import CheckpointError
+    from weights.files import read_config
+    from weights.find import Found, Layout
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("[1, 2]")
+    found = Found(tmp_path, Layout("folder", "transformer", "diffusion_pytorch_model"), ("transformer/config.json",))
+    with pytest.raises(CheckpointError, match="config.json is a JSON list, not an object of settings") as err:
+        read_config(found)
+    assert "\n" not in str(err.value)

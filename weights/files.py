@@ -143,9 +143,13 @@ def read_config(found: Found) -> dict | None:
         return None
     path = found.root / (sidecar[0] if sidecar else f"{found.layout.folder}/config.json".lstrip("/"))
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except ValueError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}). {found.repair_hint(path)}") from error
+    if not isinstance(cfg, dict):  # a list or a number: every loader reads it as an object of settings
+        raise CheckpointError(f"{path} is a JSON {type(cfg).__name__}, not an object of settings. "
+                              f"{found.repair_hint(path)}")  # fmt: skip
+    return cfg
 
 
 # ---- filling a meta-built model -------------------------------------------------------------------------------------
