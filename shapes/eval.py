@@ -487,10 +487,12 @@ def main() -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     for t in args.t:
         check_t(t, "--t")
-    check_count(args.scenes, "--scenes", 1)
+    check_count(args.scenes, "--scenes", 1, 10**7)
     check_count(args.seed, "--seed", 0, 2**63 - 1 - args.scenes)
     if args.samples is not None and not args.samples.parent.is_dir():
         raise ValueError(f"--samples {args.samples}: the folder {args.samples.parent} does not exist")
+    if args.samples is not None and args.samples.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--samples {args.samples}: name a picture file, e.g. samples.png")
     if args.choose_layers:
         choice = choose_layers(args.weights, args.scenes, args.t[0], args.seed)
         write_layers(args.weights, choice)
@@ -508,7 +510,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--layers {args.layers!r}: give recipe, all, or block indices such as 2,3") from None
         if min(chosen) < 0 or max(chosen) >= flux.config.depth:
-            raise ValueError(f"--layers {args.layers}: this model has {flux.config.depth} double blocks")
+            raise ValueError(f"--layers {args.layers}: this model has {flux.config.depth} double blocks, "
+                             f"0..{flux.config.depth - 1}")  # fmt: skip
     world = recipe.get("world", "full")
     if world not in WORLDS:
         raise ValueError(f"{args.weights / 'recipe.json'}: world {world!r} is not one of {sorted(WORLDS)}")

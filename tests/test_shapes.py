@@ -360,6 +360,11 @@ def test_light_checkpoints_are_small_and_resume_with_a_fresh_optimizer(tmp_path)
     assert records[-1]["stage"] == "done" and records[-1]["step"] == 30
     ae_config = json.loads((tmp_path / "cut" / "ae_config.json").read_text())
     assert ae_config["resolution"] == recipe.size  # a whole model folder at the recipe's size
+    from shapes.eval import load
+
+    for weights in (tmp_path / "cut" / "steps" / f"{stopped:06d}", checkpoint):  # the run's autoencoder and tokenizer
+        flux, _, tok, ae, _ = load(weights)
+        assert flux.config.depth == recipe.depth and ae.config.resolution == recipe.size and tok.vocab_size > 0
 
 
 def test_batch_probe_times_steps_with_the_given_clock_and_picks_the_largest_cheap_batch():
@@ -563,6 +568,8 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path):
         (["--t", "0.5", "-0.5"], "--t = -0.5"),
         (["--t", "nan"], "--t = nan"),
         (["--scenes", "0"], "--scenes = 0"),
+        (["--scenes", str(10**20)], "--scenes = 100000000000000000000"),
+        (["--samples", "{missing}"], "name a picture file"),
         (["--weights", "{missing}"], "is missing"),
         (["--weights", "{damaged}"], "t5.safetensors is damaged"),
     ],
