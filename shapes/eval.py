@@ -386,24 +386,32 @@ def recipe_layers(recipe: dict, depth: int) -> tuple[int, ...] | None:
 
 
 def load(folder: Path, device: str = "cpu") -> tuple[Flux, T5Encoder, T5Tokenizer, AutoEncoder, int]:
-    """A model folder written by `shapes.train`: (flux, t5, tokenizer, autoencoder, max_length), loaded strictly."""
+    """A model folder written by `shapes.train`: (flux, t5, tokenizer, autoencoder, max_length), loaded strictly.
+    An evaluation's weights (`RUN/steps/NNNNNN`) or a checkpoint (`RUN/checkpoint`) hold no autoencoder or tokenizer:
+    theirs are the run's own (`RUN/ae.safetensors`, `RUN/tokenizer_2`)."""
     folder = Path(folder)
+    run = folder.parent.parent if folder.parent.name == "steps" else folder.parent
+    shared = run if folder.parent.name == "steps" or folder.name == "checkpoint" else folder
+
+    def own(name: str) -> Path:  # the folder's file, else (an evaluation's or checkpoint's) the run's
+        return folder / name if (folder / name).exists() or shared == folder else shared / name
+
     models = []
     for name, config_class, model_class in (
         ("flux", FluxConfig, Flux),
         ("t5", T5Config, T5Encoder),
         ("ae", AutoEncoderConfig, AutoEncoder),
     ):
-        with damaged(folder / f"{name}_config.json"):
-            model = model_class(config_class(**json.loads((folder / f"{name}_config.json").read_text())))
-        with damaged(folder / f"{name}.safetensors"):
-            model.load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
-        check_finite(model, str(folder / f"{name}.safetensors"))
+        with damaged(own(f"{name}_config.json")):
+            model = model_class(config_class(**json.loads(own(f"{name}_config.json").read_text())))
+        with damaged(own(f"{name}.safetensors")):
+            model.load_state_dict(load_file(own(f"{name}.safetensors")), strict=True)
+        check_finite(model, str(own(f"{name}.safetensors")))
         models.append(model.to(device).eval())
     with damaged(folder / "recipe.json"):
         max_length = check_count(json.loads((folder / "recipe.json").read_text())["max_length"], "max_length", 1)
-    with damaged(folder / "tokenizer_2"):
-        tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
+    with damaged(own("tokenizer_2")):
+        tokenizer = T5Tokenizer.from_folder(own("tokenizer_2"))
     return models[0], models[1], tokenizer, models[2], max_length
 
 
