@@ -204,6 +204,11 @@ class ConceptPipeline:
         for note in notes + unseen_words(concepts, world_words(self.source) if self.source else None):
             warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
 
+    def _run_record(self) -> dict:
+        """What settings.json says of the run besides its settings: the model, and where and how it ran."""
+        return {"model": self.source, "family": self.family, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "memory": getattr(self, "memory", "full")}  # fmt: skip
+
     def _sample(self, velocity, latents: Tensor, timesteps: list, seed: int, progress: bool) -> Tensor:
         """The sampling loop over `timesteps`: Euler steps of the flow (Flux, SD3.5); other families replace it."""
         return denoise(velocity, latents, timesteps, progress=progress)
@@ -233,6 +238,7 @@ class ConceptPipeline:
         settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
         settings, layers_from = self._default_layers(settings)  # the model's own layers when none are given
         check_size(height, width)
+        check_flag(progress, "progress")
         check_count(num_steps, "num_steps", 1, MAX_STEPS)
         check_seed(seed)
         check_guidance(guidance)
@@ -256,7 +262,7 @@ class ConceptPipeline:
 
         latents = self._sample(velocity, latents, timesteps, seed, progress)
         image = self._decode(latents, height, width)
-        record = {"mode": "generate", "model": self.source, "family": self.family, "prompt": prompt,
+        record = {"mode": "generate", **self._run_record(), "prompt": prompt,
                   "height": height, "width": width, "num_steps": num_steps, "seed": seed,
                   "guidance": float(guidance), "timesteps": [round(t, 6) for t in timesteps]}  # fmt: skip
         record.update(self._layer_record(settings, layers_from))
@@ -278,6 +284,9 @@ class ConceptPipeline:
         settings = family_settings(settings, self.family)  # "official" on SD3.5 is its own; options checked
         settings, layers_from = self._default_layers(settings)  # the model's own layers when none are given
         t = check_t(t)
+        check_flag(progress, "progress")
+        if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
+            raise ValueError(f"size = {size!r}: give (height, width), two multiples of 16")
         check_count(num_samples, "num_samples", 1)
         check_seed(seed, num_samples)
         guidance = EXPLAIN_GUIDANCE if guidance is None else guidance
@@ -315,7 +324,7 @@ class ConceptPipeline:
             x_t = t * noise + (1 - t) * z
             if collector.wants(i):
                 collector.add(self._explain_saliency(x_t, t, cond, concept_input))
-        record = {"mode": "explain", "model": self.source, "family": self.family, "prompt": prompt,
+        record = {"mode": "explain", **self._run_record(), "prompt": prompt,
                   "height": height, "width": width, "input_size": list(input_size), "size_rule": size_rule, "t": t,
                   "num_samples": num_samples, "seed": seed,
                   "guidance": float(guidance) if self._uses_explain_guidance else None}  # fmt: skip

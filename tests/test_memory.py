@@ -17,6 +17,7 @@ from concept_attention import ConceptAttentionPipeline, main
 from mmdit import CONFIGS, ConceptInput, Flux
 from mmdit.layers import SPACES
 from mmdit.memory import FP8_MAX, FP8Linear, dequantize_fp8, quantize_fp8, stream_blocks, stream_t5, to_fp8
+from saliency import Settings
 from sampling import image_ids, text_ids
 from t5 import CONFIGS as T5_CONFIGS
 from t5 import T5Encoder
@@ -133,8 +134,10 @@ def runs():
                                 ("stream", torch.bfloat16, "stream"), ("fp8", torch.bfloat16, "fp8")):  # fmt: skip
         pipe = ConceptAttentionPipeline.from_pretrained("shapes", "cpu", dtype, memory=memory)
         assert pipe.memory == memory and pipe.offload == (memory != "full")
-        gen = pipe.generate(PROMPT, CONCEPTS, 128, 128, num_steps=4, seed=0, progress=False)  # as measured
-        exp = pipe.explain(gen.image if name == "bf16" else out["bf16"][0].image, CONCEPTS, progress=False)
+        every = Settings(layers=tuple(range(pipe.depth)))  # the bounds below were measured on every block
+        gen = pipe.generate(PROMPT, CONCEPTS, 128, 128, num_steps=4, seed=0, settings=every, progress=False)
+        image = gen.image if name == "bf16" else out["bf16"][0].image
+        exp = pipe.explain(image, CONCEPTS, settings=every, progress=False)
         out[name] = (gen, exp)
     return out
 

@@ -88,3 +88,16 @@ def test_words_the_built_in_model_never_saw_are_warned(tmp_path, capsys):
     assert "never saw 'cat'" in err and "circle" not in err.split("never saw")[1].split(";")[0]
     assert main([*args, "--concepts", "red circle", "background", "--out", str(tmp_path / "b")]) == 0
     assert "never saw" not in capsys.readouterr().err
+
+
+def test_api_records_where_it_ran_and_checks_its_arguments(pipe):
+    r = pipe.generate("a red circle", ["circle", "square"], 32, 32, 1, progress=False)
+    assert (r.record["device"], r.record["dtype"], r.record["memory"]) == ("cpu", "float32", "full")
+    with pytest.raises(ValueError, match="progress"):
+        pipe.generate("a red circle", ["circle", "square"], 32, 32, 1, progress="no")
+    with pytest.raises(ValueError, match="size = 32"):
+        pipe.explain(r.image, ["circle", "square"], size=32, progress=False)
+    with pytest.raises(ValueError, match="model source 5"):
+        import weights
+
+        weights.family(5)

@@ -15,6 +15,7 @@ the key names of a single file), never from the repo id.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,8 @@ def family_of_folder(folder: Path) -> str | None:
 
 def family(source: str | Path) -> str:
     """Which model family a source holds: "flux" (FLUX.1, the built-in shapes model), "sd3" (SD3.5) or "cogvideox"."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"the model source {source!r} is a {type(source).__name__}; give a hub id or a path")
     path = Path(source).expanduser()
     if path.is_file():
         from .find import Found, Layout
