@@ -37,4 +37,3 @@ def test_bench_gpu_cpu_mode(tmp_path):
         assert r["agreement"]["max_abs"] < 1e-4 and r["agreement"]["ref_max_abs"] > 0.1
     assert list(results["sd3"]["concepts"]) == ["plain", "1 concepts, output", "5 concepts, output",
                                                 "10 concepts, output", "10 concepts, keep_grid"]  # fmt: skip
-
