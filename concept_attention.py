@@ -204,6 +204,23 @@ class ConceptPipeline:
         for note in notes + unseen_words(concepts, world_words(self.source) if self.source else None):
             warnings.warn(note, InputWarning, stacklevel=4)  # the caller of generate/explain
 
+    def _guided_forward(self, forward, x: Tensor, t: Tensor, guidance: float | None, concepts):
+        """Classifier-free guidance around the family's `forward(x, t, concepts) -> (prediction, saliency or None)`.
+        With a scale (not None) the batch is [unconditional; conditional] with the concepts riding along both, the
+        prediction is uncond + scale * (cond - uncond), and the maps are the half `Settings.guided_half` names (the
+        conditional one unless told otherwise)."""
+        if guidance is None:
+            return forward(x, t, concepts)
+        if concepts is not None:
+            concepts = dataclasses.replace(concepts, txt=concepts.txt.expand(2, -1, -1))
+        prediction, saliency = forward(torch.cat((x, x)), torch.cat((t, t)), concepts)
+        uncond, cond = prediction.chunk(2)
+        prediction = uncond + guidance * (cond - uncond)
+        if saliency is None:
+            return prediction, None
+        row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
+        return prediction, {i: s.row(row) for i, s in saliency.items()}
+
     def _run_record(self) -> dict:
         """What settings.json says of the run besides its settings: the model, and where and how it ran."""
         return {"model": self.source, "family": self.family, "device": str(self.device),

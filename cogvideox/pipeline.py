@@ -25,7 +25,6 @@ The official pipeline needs guidance (its concepts have batch 2); these options 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import Tensor
 import imaging
 from checks import check_count, check_device
 from concept_attention import ConceptPipeline, check_guidance, memory_mode
-from mmdit import ConceptInput, ConceptSaliency
+from mmdit import ConceptInput
 from mmdit.memory import prepare_flux, prepare_t5
 from saliency import PADDING, MapCollector, Settings, check_concepts, family_settings
 from sampling import check_size
@@ -176,22 +175,11 @@ class CogVideoXPipeline(ConceptPipeline):
         return self.schedule.timesteps(num_steps)
 
     def _velocity(self, x: Tensor, t: Tensor, cond: dict, concepts: ConceptInput | None):
-        guided = cond["guidance"] is not None
-        if guided:
-            x, t = torch.cat((x, x)), torch.cat((t, t))
-            if concepts is not None:
-                concepts = dataclasses.replace(concepts, txt=concepts.txt.expand(2, -1, -1))
-        out = self.transformer(x, t, cond["context"], concepts=concepts)
-        v = (out if concepts is None else out.prediction).float()
-        if guided:
-            uncond, cond_v = v.chunk(2)
-            v = uncond + cond["guidance"] * (cond_v - uncond)
-        if concepts is None:
-            return v, None
-        if not guided:
-            return v, out.saliency
-        row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
-        return v, {i: batch_row(s, row) for i, s in out.saliency.items()}
+        def forward(x: Tensor, t: Tensor, concepts: ConceptInput | None):
+            out = self.transformer(x, t, cond["context"], concepts=concepts)
+            return (out.float(), None) if concepts is None else (out.prediction.float(), out.saliency)
+
+        return self._guided_forward(forward, x, t, cond["guidance"], concepts)
 
     def _sample(self, velocity, latents: Tensor, timesteps: list[int], seed: int, progress: bool) -> Tensor:
         """DDIM or DPM steps as CogVideoXPipeline: the DPM noise comes from the generator that drew the latents."""
@@ -275,12 +263,6 @@ class CogVideoXPipeline(ConceptPipeline):
                   "height": height, "width": width, "t": t, "timestep": timestep, "num_samples": num_samples,
                   "seed": seed}  # fmt: skip
         return self._result(frames, concepts, collector, height, width, settings, record)
-
-
-def batch_row(saliency: ConceptSaliency, row: int) -> ConceptSaliency:
-    """One row of each space of an [unconditional; conditional] batch: 1 the conditional half, 0 the unconditional."""
-    return ConceptSaliency(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[row : row + 1]
-                              for f in dataclasses.fields(saliency)})  # fmt: skip
 
 
 def cogvideox_facts(source: str | Path):

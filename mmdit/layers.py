@@ -17,6 +17,7 @@ the concept attention is C x (C + N) per head, and no [N, hidden] tensor outlive
 Shape letters: B batch, H heads, L sequence, D head dim, T text tokens, N image tokens, C concepts.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,12 @@ class ConceptSaliency:
     attention: Tensor | None = None  # (B, H, C, N)  softmax(q_c [k_c; k_x]^T / sqrt(D)), image columns
     value: Tensor | None = None  # (B, H, C, N)  v_c . v_x per head (their sum over heads: heads concatenated)
     cross_attention: Tensor | None = None  # (B, H, C, N)  k_c . q_x per head, post-QK-norm, pre-RoPE, unscaled
+
+    def row(self, index: int) -> "ConceptSaliency":
+        """Batch row `index` of every space, kept as a batch of one (under classifier-free guidance, the batch is
+        [unconditional; conditional]: 0 is the unconditional half, 1 the conditional)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # subclasses' fields too
+        return type(self)(**{k: None if v is None else v[index : index + 1] for k, v in values.items()})
 
 
 def concept_saliency(

@@ -38,7 +38,7 @@ from torch import Tensor
 import imaging
 from checks import InputWarning, check_device
 from concept_attention import NATIVE_SIZE, ConceptPipeline, memory_mode
-from mmdit import ConceptInput, ConceptSaliency
+from mmdit import ConceptInput
 from mmdit.memory import prepare_flux, prepare_t5
 from saliency import MapCollector, Settings
 from sampling import flow_match_schedule, get_noise
@@ -210,22 +210,11 @@ class SD3Pipeline(ConceptPipeline):
         return flow_match_schedule(num_steps, self.shift)
 
     def _velocity(self, x: Tensor, t: Tensor, cond: dict, concepts: ConceptInput | None):
-        guided = cond["guidance"] is not None
-        if guided:  # [unconditional; conditional], the concepts riding along both
-            x, t = torch.cat((x, x)), torch.cat((t, t))
-            if concepts is not None:
-                concepts = dataclasses.replace(concepts, txt=concepts.txt.expand(2, -1, -1))
-        out = self.transformer(x, t.to(self.dtype), cond["context"], cond["y"], concepts=concepts)
-        velocity = out if concepts is None else out.velocity
-        if guided:
-            uncond, cond_v = velocity.chunk(2)
-            velocity = uncond + cond["guidance"] * (cond_v - uncond)
-        if concepts is None:
-            return velocity, None
-        if not guided:
-            return velocity, out.saliency
-        row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
-        return velocity, {i: batch_row(s, row) for i, s in out.saliency.items()}
+        def forward(x: Tensor, t: Tensor, concepts: ConceptInput | None):
+            out = self.transformer(x, t.to(self.dtype), cond["context"], cond["y"], concepts=concepts)
+            return (out, None) if concepts is None else (out.velocity, out.saliency)
+
+        return self._guided_forward(forward, x, t, cond["guidance"], concepts)
 
     def _explain_saliency(self, x_t: Tensor, t: float, cond: dict, concepts: ConceptInput) -> dict:
         t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
@@ -240,17 +229,6 @@ class SD3Pipeline(ConceptPipeline):
         ae_dtype = next(self.autoencoder.parameters()).dtype
         x = (imaging.to_tensor(pil) * 2 - 1)[None].to(self.device, ae_dtype)
         return self.autoencoder.encode(x).to(self.dtype)  # (1, 16, H/8, W/8)
-
-
-def batch_row(saliency: ConceptSaliency, row: int) -> ConceptSaliency:
-    """One row of each space of a [unconditional; conditional] batch: 1 the conditional half, 0 the unconditional."""
-    return type(saliency)(**{f.name: None if (v := getattr(saliency, f.name)) is None else v[row : row + 1]
-                             for f in dataclasses.fields(saliency)})  # fmt: skip
-
-
-def conditional_half(saliency: ConceptSaliency) -> ConceptSaliency:
-    """The second (conditional) row of each space of a [unconditional; conditional] batch."""
-    return batch_row(saliency, 1)
 
 
 def sd3_facts(source: str | Path):

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 from test_clip import reference_with_projection, relative_error, write_clip_tokenizer
+from test_t5 import reference as t5_reference
 
 import clip
 import t5
@@ -27,26 +28,6 @@ MAX_LENGTH = 40  # T5 tokens (diffusers' max_sequence_length)
 
 SHORT = "a photo of a red cat on the grass!"  # "!" is bigG's pad token, a special token in its tokenizer
 LONG = " ".join(["a blue dog under the bright sky with clouds and a tree"] * 12)  # > 75 CLIP pieces, > 40 T5 pieces
-
-
-def t5_reference(config: t5.T5Config) -> torch.nn.Module:
-    hf_config = transformers.T5Config(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        d_kv=config.d_kv,
-        d_ff=config.d_ff,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        relative_attention_num_buckets=config.relative_attention_num_buckets,
-        relative_attention_max_distance=config.relative_attention_max_distance,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    hf_config._attn_implementation = "eager"
-    return transformers.T5EncoderModel(hf_config).eval()
 
 
 def tiny_transformer() -> torch.nn.Module:
