@@ -85,6 +85,20 @@ def test_finite_check_costs_one_reduction_per_tensor():
         check_finite(module, "x")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_sees_nan_in_every_dtype_and_no_overflow_in_float16(dtype):
+    from checks import check_finite
+
+    module = torch.nn.Linear(256, 512).to(dtype)  # 131,072 weights
+    with torch.no_grad():
+        module.weight.fill_(1.0)  # sums to 131,072: past float16's 65,504, so a float16 sum would be inf
+    check_finite(module, "x")
+    with torch.no_grad():
+        module.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="x: weight holds NaN"):
+        check_finite(module, "x")
+
+
 @pytest.mark.parametrize("missing", ["t5.safetensors", "tokenizer_2"])
 def test_a_missing_file_never_suggests_a_download_into_the_folder(model, tmp_path, capsys, missing, monkeypatch):
     path = model / missing
