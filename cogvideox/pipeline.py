@@ -269,7 +269,7 @@ def cogvideox_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of a CogVideoX
     snapshot (no weights read)."""
     import weights
-    from concept_attention import ModelFacts
+    from commands import ModelFacts
     from weights.configs import count_blocks
 
     found = weights.locate(source, "cogvideox")

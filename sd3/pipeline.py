@@ -234,7 +234,7 @@ class SD3Pipeline(ConceptPipeline):
 def sd3_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of an SD3.5 snapshot."""
     import weights
-    from concept_attention import ModelFacts
+    from commands import ModelFacts
     from weights.configs import count_blocks
 
     tensors = weights.read_weights(weights.locate(source, "sd3"))

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    from concept_attention import model_facts
+    from commands import model_facts
 
     if args.command == "protocols":
         for name, protocol in PROTOCOLS.items():
