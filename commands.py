@@ -3,7 +3,7 @@ needs no weights, and `main`, which runs `generate` or `explain` and writes one 
 
 Every argument is checked before any weights load: the concepts, the device and dtype, the sizes against the model and
 the host memory, the steps and layers against the checkpoint's headers, the image or video, and the output folder; the
-result is written into a temporary folder moved into place at the end (`saliency.OutputFolder`). Errors are one line
+result is written into a temporary folder moved into place at the end (`outputs.OutputFolder`). Errors are one line
 (`error: ...`, exit 2); Ctrl-C and SIGTERM leave nothing behind (exit 130, 143).
 """
 
@@ -42,12 +42,12 @@ from concept_attention import (
     sampling_defaults,
 )
 from mmdit.memory import MEMORY_MODES
+from outputs import OutputFolder
 from saliency import (
     PRESETS,
     SPACES,
     TARGETS,
     TOKEN_RULES,
-    OutputFolder,
     Settings,
     check_concepts,
     family_settings,

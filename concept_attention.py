@@ -18,7 +18,7 @@ maths; differs in:
 
 Every argument is checked before a model runs (`checks.py`); the command line (`commands.py`) also checks the image, the sizes, the
 output folder and the layers against the checkpoint's headers before any weights load, and writes each result into a
-temporary folder that is moved into place at the end (`saliency.OutputFolder`).
+temporary folder that is moved into place at the end (`outputs.OutputFolder`).
 
 Command line: `python concept_attention.py generate --prompt ... --concepts cat sky --out DIR` and
 `python concept_attention.py explain --image photo.jpg --concepts cat sky --out DIR`.

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     result = pipe.explain(clip, ["circle", "square", "background"], "a red circle and a blue square", t=0.5,
                           num_samples=2, progress=False)  # fmt: skip
     result.record["note"] = "tiny CogVideoX with random weights: the layout of a result, not the method at work"
-    from saliency import OutputFolder
+    from outputs import OutputFolder
 
     out = OutputFolder(args.out, result.concepts).write(result)
     print(f"wrote {out}/: video.webp, contact_sheet.png, heatmaps/, masks/, maps.safetensors, settings.json "

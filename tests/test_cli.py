@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import concept_attention
+import outputs
 import saliency
 from tiny import write_model_folder
 
@@ -251,9 +252,9 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     process.kill()  # SIGKILL: nothing of the run can clean up
     process.communicate(timeout=60)
     assert len(list(tmp_path.glob(".out.*.partial"))) == 1
-    alive = tmp_path / f".out.{saliency.HOST}-{os.getpid()}.abcdefgh.partial"  # a running process's: kept
+    alive = tmp_path / f".out.{outputs.HOST}-{os.getpid()}.abcdefgh.partial"  # a running process's: kept
     alive.mkdir()
-    folder = saliency.OutputFolder(tmp_path / "out", ["cat"])
+    folder = outputs.OutputFolder(tmp_path / "out", ["cat"])
     folder.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
 

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 import imaging
+import outputs
 import saliency
 from checks import text_warnings
-from saliency import ConceptResult, OutputFolder, Settings, check_concepts
+from outputs import OutputFolder
+from saliency import ConceptResult, Settings, check_concepts
 
 
 def one_line(err: Exception) -> bool:
@@ -293,7 +295,7 @@ def test_the_current_folder_is_refused(tmp_path, monkeypatch):
 def test_a_mount_point_is_refused_before_the_run(tmp_path, monkeypatch):
     volume = tmp_path / "volume"
     volume.mkdir()
-    monkeypatch.setattr(saliency.os.path, "ismount", lambda p: Path(p) == volume)
+    monkeypatch.setattr(outputs.os.path, "ismount", lambda p: Path(p) == volume)
     with pytest.raises(ValueError, match="is a mount point") as err:
         OutputFolder(volume, ["cat"])
     assert one_line(err.value) and str(volume / "result") in str(err.value)

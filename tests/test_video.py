@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from saliency import OutputFolder, Settings
+from outputs import OutputFolder
+from saliency import Settings
 from video import VideoResult, latent_index, load_video, save_animation
 
 
