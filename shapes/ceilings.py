@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shapes.eval import score, world_concepts
+from shapes.eval import world_concepts
+from shapes.measures import score
 from shapes.scenes import WORLDS, SceneConfig, held_out_seeds, make_scene
 
 

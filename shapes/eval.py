@@ -16,8 +16,9 @@ Two kinds of concept tokens are measured:
   attention (softmax over all prompt tokens, per head), the first sign of life, and its output space says what
   ConceptAttention would give if the concept token were the word in its caption.
 
-`budget/*` says where the concept queries' attention goes (`attention_budget`): how much of it is on the image, how
-uniform it is there, and how much more of it lands on the named shape than a uniform map would put there.
+`budget/*` says where the concept queries' attention goes (`shapes.measures.attention_budget`): how much of it is on
+the image, how uniform it is there, and how much more of it lands on the named shape than a uniform map would put
+there.
 `routing/*` (`routing_diagnostics`) says it per double block: the AUROC with which each head's concept attention ranks
 the named shape's tokens above the others, the share of the concept -> image logits that is one positional pattern
 shared by every scene, lift and entropy, and the output-space mIoU of the block alone.
@@ -28,13 +29,11 @@ the regime of a model trained with `--isolate 1.0`.
 
 import argparse
 import json
-import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 from safetensors.torch import load_file
@@ -44,9 +43,9 @@ from autoencoder import AutoEncoder, AutoEncoderConfig
 from checks import OneLineParser, check_count, check_finite, check_t, interrupted, terminate_as_interrupt
 from mmdit import ConceptInput, Flux, FluxConfig
 from sampling import denoise, get_noise, get_schedule, image_ids, pack, text_ids, unpack
+from shapes.measures import attention_budget, routing_diagnostics, score
 from shapes.scenes import (
     COLOURS,
-    SHAPES,
     WORLDS,
     Scene,
     SceneConfig,
@@ -80,7 +79,6 @@ SAMPLE_PROMPTS["shaded"] = [  # most shaded-world runs (third round) never saw p
     "a blue circle and a green square",
     "a red triangle and a blue circle and a green square on a black background",
 ]
-CONCEPTS = (*SHAPES, "background")
 COLOUR_CONCEPTS = (*COLOURS, "background")
 
 
@@ -115,27 +113,6 @@ def encode_alone(t5: T5Encoder, tok: T5Tokenizer, words: list[str], max_length: 
     return t5(tok(words, max_length).to(device))[:, 0]
 
 
-def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
-    up = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    pred = up > up.mean(dim=(1, 2), keepdim=True)
-    fg = (pred & masks).sum((1, 2)) / (pred | masks).sum((1, 2)).clamp(min=1)
-    bg = (~pred & ~masks).sum((1, 2)) / (~pred | ~masks).sum((1, 2)).clamp(min=1)
-    return fg.float(), bg.float()
-
-
-def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAPES) -> dict[str, float]:
-    """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene."""
-    picked, masks = [], []
-    for b, scene in enumerate(scenes):
-        for c, word in enumerate(words[b]):
-            if word in scored and word in scene.masks:
-                picked.append(maps[b, c])
-                masks.append(torch.from_numpy(scene.masks[word]))
-    fg, bg = upsampled_iou(torch.stack(picked), torch.stack(masks).to(maps.device))
-    return {"miou": ((fg + bg) / 2).mean().item(), "fg": fg.mean().item()}
-
-
 def layer_mean(per_layer: list[Tensor], softmax_dim: int | None) -> Tensor:
     """Mean over layers of (B, ..., C, N) maps, each softmaxed over `softmax_dim` first when given (paper order)."""
     return torch.stack([m.softmax(softmax_dim) if softmax_dim is not None else m for m in per_layer]).mean(0)
@@ -151,80 +128,6 @@ def layer_sets(depth: int) -> dict[str, tuple[int, ...]]:
         if layers not in unique.values():
             unique[name] = layers
     return unique
-
-
-def attention_budget(
-    sal: list, scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...] = CONCEPTS
-) -> dict[str, float]:
-    """Where the concept queries' attention goes, averaged over blocks, heads and the shapes present in each scene:
-    `image_mass` the share on image tokens (the rest is on the concepts), `entropy` of the image part normalised to
-    [0, 1] (1 = uniform over the tokens), `lift` the image attention on the named shape's tokens over the shape's
-    share of the image (1 = no preference; a map that localises has lift well above 1)."""
-    weights = torch.stack([s.attention.mean(1) for s in sal]).mean(0)  # (B, C, N) image columns, heads averaged
-    mass, entropy, lift = [], [], []
-    for b, scene in enumerate(scenes):
-        for c, word in enumerate(concepts):
-            if word in SHAPES and word in scene.masks:
-                p = weights[b, c].cpu()
-                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
-                mass.append(p.sum())
-                p = p / p.sum()
-                entropy.append(-(p * p.clamp_min(1e-12).log()).sum() / math.log(p.numel()))
-                lift.append((p * area).sum() / area.mean())
-    return {
-        f"budget/{k}": torch.stack(v).mean().item()
-        for k, v in zip(("image_mass", "entropy", "lift"), (mass, entropy, lift), strict=True)
-    }
-
-
-def auroc(scores: Tensor, labels: Tensor) -> Tensor:
-    """Area under the ROC curve of scores (..., N) for bool labels (N,): P(positive > negative), ties counted half."""
-    pos, neg = scores[..., labels], scores[..., ~labels]
-    greater = (pos[..., :, None] > neg[..., None, :]).float().mean((-2, -1))
-    ties = (pos[..., :, None] == neg[..., None, :]).float().mean((-2, -1))
-    return greater + 0.5 * ties
-
-
-def routing_diagnostics(
-    sal: dict[int, object], scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...], words: list[list[str]]
-) -> dict[str, float]:
-    """Per double block l, from the concept rows' attention weights over the image (`sal[l].attention`, sal: block ->
-    its saliency):
-    - `routing/auroc/b{l}/h{k}` (and the head mean `routing/auroc/b{l}`, the best head `routing/auroc/max`): how well
-      the concept attention ranks the named shape's tokens (mask average-pooled to the token grid, > 0.5) above the
-      other tokens, averaged over the shapes present; 0.5 = no preference, 1 = perfect;
-    - `routing/positional/b{l}`: the variance over tokens of the per-token mean (across this batch's scenes) of the
-      row-centred concept -> image logits, over their total variance, averaged over heads and concepts: the share
-      that is one fixed positional pattern (an estimate from one batch; noise adds about 1 / batch);
-    - `routing/lift/b{l}`, `routing/entropy/b{l}`: `attention_budget` of the block alone;
-    - `routing/output/b{l}`: mIoU of the output space with softmax of the block alone."""
-    results: dict[str, float] = {}
-    pooled = {}
-    for b, scene in enumerate(scenes):
-        for c, word in enumerate(concepts):
-            if word in SHAPES and word in scene.masks:
-                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
-                if 0 < (area > 0.5).sum() < area.numel():
-                    pooled[(b, c)] = area > 0.5
-    best = 0.0
-    for l, s in sorted(sal.items()):
-        weights = s.attention.float()  # (B, H, C, N)
-        logits = weights.clamp_min(1e-30).log()
-        logits = logits - logits.mean(-1, keepdim=True)  # row-centred: the logits up to the softmax's constant
-        per_token = logits.mean(0)  # (H, C, N)
-        share = per_token.pow(2).mean(-1) / logits.pow(2).mean((0, -1)).clamp_min(1e-12)  # (H, C)
-        results[f"routing/positional/b{l}"] = share.mean().item()
-        areas = torch.stack([auroc(logits[b, :, c].cpu(), lab) for (b, c), lab in pooled.items()]).mean(0)  # (H,)
-        for k, value in enumerate(areas.tolist()):
-            results[f"routing/auroc/b{l}/h{k}"] = value
-        results[f"routing/auroc/b{l}"] = areas.mean().item()
-        best = max(best, areas.max().item())
-        for key, value in attention_budget([s], scenes, h, w, concepts).items():
-            results[f"routing/{key.split('/')[1]}/b{l}"] = value
-        maps = s.output.float().softmax(1).reshape(len(scenes), -1, h, w)
-        results[f"routing/output/b{l}"] = score(maps, scenes, words)["miou"]
-    results["routing/auroc/max"] = best
-    return results
 
 
 def evaluate(

@@ -156,7 +156,7 @@ def test_isolation_mask_cuts_exactly_the_image_to_image_pairs():
 
 
 def test_alignment_score_known_values():
-    from shapes.eval import CONCEPTS, score
+    from shapes.measures import CONCEPTS, score
 
     scenes = [make_scene(s) for s in held_out_seeds(6)]
     words = [list(CONCEPTS)] * len(scenes)
@@ -172,7 +172,7 @@ def test_alignment_score_known_values():
 
 def test_attention_budget_known_values():
     from mmdit import ConceptSaliency
-    from shapes.eval import CONCEPTS, attention_budget
+    from shapes.measures import CONCEPTS, attention_budget
 
     scenes = [make_scene(s) for s in held_out_seeds(4)]
     B, C, H, h = len(scenes), len(CONCEPTS), 2, 8
@@ -254,7 +254,7 @@ def test_shaded_world_paints_each_shape_in_one_unnamed_shade_with_exact_masks():
 def test_auroc_equals_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
-    from shapes.eval import auroc
+    from shapes.measures import auroc
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -267,7 +267,7 @@ def test_auroc_equals_scikit_learn():
 
 def test_routing_diagnostics_known_values():
     from mmdit import ConceptSaliency
-    from shapes.eval import CONCEPTS, routing_diagnostics
+    from shapes.measures import CONCEPTS, routing_diagnostics
 
     scenes = [make_scene(s) for s in held_out_seeds(8)]
     B, C, H, h = len(scenes), len(CONCEPTS), 2, 8

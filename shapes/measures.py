@@ -1,0 +1,113 @@
+"""What the shapes evaluation measures: map mIoU against the scenes' exact masks, and where the concept queries'
+attention goes (its budget, and per double block its routing diagnostics).
+
+Follows the prototype's notes (shapes-notes.md): each map is bilinearly upsampled to the image, thresholded at its mean
+and compared with the exact mask; for every shape present in a scene the foreground and background IoUs are averaged
+("mIoU"), `fg` is the foreground IoU alone. `attention_budget` and `routing_diagnostics` are the model card's
+diagnostics (`budget/*`, `routing/*` in a run's log.jsonl); `shapes.eval` says what each key means.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shapes.scenes import SHAPES, Scene
+
+CONCEPTS = (*SHAPES, "background")
+
+
+def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
+    up = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    pred = up > up.mean(dim=(1, 2), keepdim=True)
+    fg = (pred & masks).sum((1, 2)) / (pred | masks).sum((1, 2)).clamp(min=1)
+    bg = (~pred & ~masks).sum((1, 2)) / (~pred | ~masks).sum((1, 2)).clamp(min=1)
+    return fg.float(), bg.float()
+
+
+def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAPES) -> dict[str, float]:
+    """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene."""
+    picked, masks = [], []
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(words[b]):
+            if word in scored and word in scene.masks:
+                picked.append(maps[b, c])
+                masks.append(torch.from_numpy(scene.masks[word]))
+    fg, bg = upsampled_iou(torch.stack(picked), torch.stack(masks).to(maps.device))
+    return {"miou": ((fg + bg) / 2).mean().item(), "fg": fg.mean().item()}
+
+
+def attention_budget(
+    sal: list, scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...] = CONCEPTS
+) -> dict[str, float]:
+    """Where the concept queries' attention goes, averaged over blocks, heads and the shapes present in each scene:
+    `image_mass` the share on image tokens (the rest is on the concepts), `entropy` of the image part normalised to
+    [0, 1] (1 = uniform over the tokens), `lift` the image attention on the named shape's tokens over the shape's
+    share of the image (1 = no preference; a map that localises has lift well above 1)."""
+    weights = torch.stack([s.attention.mean(1) for s in sal]).mean(0)  # (B, C, N) image columns, heads averaged
+    mass, entropy, lift = [], [], []
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(concepts):
+            if word in SHAPES and word in scene.masks:
+                p = weights[b, c].cpu()
+                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
+                mass.append(p.sum())
+                p = p / p.sum()
+                entropy.append(-(p * p.clamp_min(1e-12).log()).sum() / math.log(p.numel()))
+                lift.append((p * area).sum() / area.mean())
+    return {
+        f"budget/{k}": torch.stack(v).mean().item()
+        for k, v in zip(("image_mass", "entropy", "lift"), (mass, entropy, lift), strict=True)
+    }
+
+
+def auroc(scores: Tensor, labels: Tensor) -> Tensor:
+    """Area under the ROC curve of scores (..., N) for bool labels (N,): P(positive > negative), ties counted half."""
+    pos, neg = scores[..., labels], scores[..., ~labels]
+    greater = (pos[..., :, None] > neg[..., None, :]).float().mean((-2, -1))
+    ties = (pos[..., :, None] == neg[..., None, :]).float().mean((-2, -1))
+    return greater + 0.5 * ties
+
+
+def routing_diagnostics(
+    sal: dict[int, object], scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...], words: list[list[str]]
+) -> dict[str, float]:
+    """Per double block l, from the concept rows' attention weights over the image (`sal[l].attention`, sal: block ->
+    its saliency):
+    - `routing/auroc/b{l}/h{k}` (and the head mean `routing/auroc/b{l}`, the best head `routing/auroc/max`): how well
+      the concept attention ranks the named shape's tokens (mask average-pooled to the token grid, > 0.5) above the
+      other tokens, averaged over the shapes present; 0.5 = no preference, 1 = perfect;
+    - `routing/positional/b{l}`: the variance over tokens of the per-token mean (across this batch's scenes) of the
+      row-centred concept -> image logits, over their total variance, averaged over heads and concepts: the share
+      that is one fixed positional pattern (an estimate from one batch; noise adds about 1 / batch);
+    - `routing/lift/b{l}`, `routing/entropy/b{l}`: `attention_budget` of the block alone;
+    - `routing/output/b{l}`: mIoU of the output space with softmax of the block alone."""
+    results: dict[str, float] = {}
+    pooled = {}
+    for b, scene in enumerate(scenes):
+        for c, word in enumerate(concepts):
+            if word in SHAPES and word in scene.masks:
+                area = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[word]).float()[None], (h, w)).flatten()
+                if 0 < (area > 0.5).sum() < area.numel():
+                    pooled[(b, c)] = area > 0.5
+    best = 0.0
+    for l, s in sorted(sal.items()):
+        weights = s.attention.float()  # (B, H, C, N)
+        logits = weights.clamp_min(1e-30).log()
+        logits = logits - logits.mean(-1, keepdim=True)  # row-centred: the logits up to the softmax's constant
+        per_token = logits.mean(0)  # (H, C, N)
+        share = per_token.pow(2).mean(-1) / logits.pow(2).mean((0, -1)).clamp_min(1e-12)  # (H, C)
+        results[f"routing/positional/b{l}"] = share.mean().item()
+        areas = torch.stack([auroc(logits[b, :, c].cpu(), lab) for (b, c), lab in pooled.items()]).mean(0)  # (H,)
+        for k, value in enumerate(areas.tolist()):
+            results[f"routing/auroc/b{l}/h{k}"] = value
+        results[f"routing/auroc/b{l}"] = areas.mean().item()
+        best = max(best, areas.max().item())
+        for key, value in attention_budget([s], scenes, h, w, concepts).items():
+            results[f"routing/{key.split('/')[1]}/b{l}"] = value
+        maps = s.output.float().softmax(1).reshape(len(scenes), -1, h, w)
+        results[f"routing/output/b{l}"] = score(maps, scenes, words)["miou"]
+    results["routing/auroc/max"] = best
+    return results
