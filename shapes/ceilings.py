@@ -4,8 +4,10 @@
 
 For the shape words of every scene (concepts: the world's shapes and "background", as `shapes.eval` scores them):
 random maps; a centred disc of the mean shape radius (0.21 of the image, as `shapes.benchmark`'s baseline), the same
-for every concept; the true masks average-pooled to the token grid (the best a map of that grid can do, "pooled
-oracle"); and the pooled masks sharpened by a softmax over the concepts (8 x pooled). Each map is scored exactly as a
+for every concept; every shape of the scene, pooled, the same for every concept ("all shapes": a map that finds the
+objects but cannot tell them apart, the level a raw map must beat to show it reads its word); the true masks
+average-pooled to the token grid (the best a map of that grid can do, "pooled oracle"); and the pooled masks sharpened
+by a softmax over the concepts (8 x pooled). Each map is scored exactly as a
 model's map is: upsampled, thresholded at its mean, foreground and background IoU averaged (mIoU).
 """
 
@@ -22,7 +24,7 @@ from shapes.scenes import WORLDS, SceneConfig, held_out_seeds, make_scene
 
 
 def ceilings(size: int, world: str = "shaded", scenes: int = 100) -> dict[str, dict[str, float]]:
-    """mIoU and foreground IoU of the four reference maps on `scenes` held-out scenes of `world` at `size` pixels
+    """mIoU and foreground IoU of the five reference maps on `scenes` held-out scenes of `world` at `size` pixels
     (a token grid of size / 16)."""
     config = SceneConfig(size=size, **WORLDS[world])
     drawn = [make_scene(s, config) for s in held_out_seeds(scenes)]
@@ -37,9 +39,12 @@ def ceilings(size: int, world: str = "shaded", scenes: int = 100) -> dict[str, d
     ])  # fmt: skip
     y, x = torch.meshgrid((torch.arange(g) + 0.5) / g - 0.5, (torch.arange(g) + 0.5) / g - 0.5, indexing="ij")
     disc = (torch.hypot(x, y) < 0.21).float()
+    shapes = [i for i, c in enumerate(concepts) if c != "background"]
+    objects = pooled[:, shapes].amax(1, keepdim=True)  # (S, 1, g, g): pooled union bound, every shape at full weight
     maps = {
         "random": torch.rand(scenes, len(concepts), g, g, generator=torch.Generator().manual_seed(0)),
         "centred disc": disc.expand(scenes, len(concepts), g, g).clone(),
+        "all shapes": objects.expand(scenes, len(concepts), g, g).clone(),
         "pooled oracle": pooled,
         "sharpened oracle": (8 * pooled).softmax(1),
     }

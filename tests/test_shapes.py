@@ -170,6 +170,15 @@ def test_alignment_score_known_values():
     assert score(1 - perfect, scenes, words) == {"miou": 0.0, "fg": 0.0}
 
 
+def test_reference_maps_are_ordered_and_a_concept_blind_object_map_sits_between_disc_and_oracle():
+    from shapes.ceilings import ceilings
+
+    r = ceilings(128, "shaded", 60)
+    # random < a concept-blind disc < every shape of the scene (still concept-blind) < the named shape alone
+    assert r["random"]["miou"] < r["centred disc"]["miou"] < r["all shapes"]["miou"] < r["pooled oracle"]["miou"], r
+    assert 0.28 < r["random"]["miou"] < 0.31 and r["pooled oracle"]["miou"] < r["sharpened oracle"]["miou"], r
+
+
 def test_attention_budget_known_values():
     from mmdit import ConceptSaliency
     from shapes.measures import CONCEPTS, attention_budget
