@@ -16,9 +16,9 @@ maths; differs in:
 - `explain` resizes an image given without a size itself (multiples of 16, long side at most the native size) instead of
   squashing it to 1024 x 1024, and feeds guidance-distilled models guidance 3.5 (the official code: 0; `guidance=`).
 
-Every argument is checked before a model runs (`checks.py`); the command line (`commands.py`) also checks the image, the sizes, the
-output folder and the layers against the checkpoint's headers before any weights load, and writes each result into a
-temporary folder that is moved into place at the end (`outputs.OutputFolder`).
+Every argument is checked before a model runs (`checks.py`); the command line (`commands.py`) also checks the image,
+the sizes, the output folder and the layers against the checkpoint's headers before any weights load, and writes each
+result into a temporary folder that is moved into place at the end (`outputs.OutputFolder`).
 
 Command line: `python concept_attention.py generate --prompt ... --concepts cat sky --out DIR` and
 `python concept_attention.py explain --image photo.jpg --concepts cat sky --out DIR`.

@@ -4,8 +4,10 @@ The maps come straight from `mmdit.Flux(..., concepts=ConceptInput(...), stop_af
 x_t = t * noise + (1 - t) * z, one forward per batch; each map is bilinearly upsampled to the image, thresholded at its
 mean and compared with the scene's exact mask. Scores follow the prototype's notes (shapes-notes.md): for every shape
 present in a scene, the IoU of the foreground and the IoU of the background are averaged ("mIoU"); `fg` is the
-foreground IoU alone. The full benchmark (pixel accuracy, mAP, every space and layer) is the `segmentation` harness's
-job; this module only answers "does it localise yet?" quickly.
+foreground IoU alone; `argmax` and `argmax_fg` score the same IoUs with each pixel given to the word whose map is
+highest there (a map the same for every word gives every pixel to one word; `shapes.measures.score`). The full
+benchmark (pixel accuracy, mAP, every space and layer) is the `segmentation` harness's job; this module only answers
+"does it localise yet?" quickly.
 
 Two kinds of concept tokens are measured:
 - "alone": every shape word and "background", each encoded by T5 on its own and read at position 0, as the paper does.

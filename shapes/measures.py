@@ -18,25 +18,48 @@ from shapes.scenes import SHAPES, Scene
 CONCEPTS = (*SHAPES, "background")
 
 
-def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
-    up = F.interpolate(maps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    pred = up > up.mean(dim=(1, 2), keepdim=True)
+def iou(pred: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """pred, masks (K, H, W) bool -> foreground IoU and background IoU (K,)."""
     fg = (pred & masks).sum((1, 2)) / (pred | masks).sum((1, 2)).clamp(min=1)
     bg = (~pred & ~masks).sum((1, 2)) / (~pred | ~masks).sum((1, 2)).clamp(min=1)
     return fg.float(), bg.float()
 
 
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(..., h, w) maps -> (..., H, W), bilinear, as every score here reads a token-grid map at the image's pixels."""
+    flat = maps.float().reshape(-1, 1, *maps.shape[-2:])
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *size)
+
+
+def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
+    up = upsample(maps, masks.shape[-2:])
+    return iou(up > up.mean(dim=(1, 2), keepdim=True), masks)
+
+
 def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAPES) -> dict[str, float]:
-    """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene."""
-    picked, masks = [], []
+    """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene:
+    `miou` and `fg` threshold each map at its own mean (the card's metric); `argmax` and `argmax_fg` give each pixel to
+    the concept whose map is highest there (the segmentation harness's masks) and score the same IoUs, so a word is
+    credited only where its map beats the other words' maps: a map that is the same for every word, however well it
+    finds the objects, gives them all to one word. A softmax over the concepts does not change these two."""
+    labels = upsample(maps, scenes[0].image.shape[:2]).argmax(1)  # (B, H, W): each pixel's strongest concept
+    picked, won, masks = [], [], []
     for b, scene in enumerate(scenes):
         for c, word in enumerate(words[b]):
             if word in scored and word in scene.masks:
                 picked.append(maps[b, c])
+                won.append(labels[b] == c)
                 masks.append(torch.from_numpy(scene.masks[word]))
-    fg, bg = upsampled_iou(torch.stack(picked), torch.stack(masks).to(maps.device))
-    return {"miou": ((fg + bg) / 2).mean().item(), "fg": fg.mean().item()}
+    masks = torch.stack(masks).to(maps.device)
+    fg, bg = upsampled_iou(torch.stack(picked), masks)
+    fg_won, bg_won = iou(torch.stack(won), masks)
+    return {
+        "miou": ((fg + bg) / 2).mean().item(),
+        "fg": fg.mean().item(),
+        "argmax": ((fg_won + bg_won) / 2).mean().item(),
+        "argmax_fg": fg_won.mean().item(),
+    }
 
 
 def attention_budget(

@@ -165,9 +165,19 @@ def test_alignment_score_known_values():
     perfect = torch.stack(
         [torch.stack([torch.from_numpy(s.masks.get(c, blank)).float() for c in CONCEPTS]) for s in scenes]
     )
-    assert score(perfect, scenes, words) == {"miou": 1.0, "fg": 1.0}
-    # the complement selects exactly the wrong pixels: both IoUs are 0
-    assert score(1 - perfect, scenes, words) == {"miou": 0.0, "fg": 0.0}
+    assert score(perfect, scenes, words) == {"miou": 1.0, "fg": 1.0, "argmax": 1.0, "argmax_fg": 1.0}
+    # the complement selects exactly the wrong pixels: both IoUs are 0, and under the argmax no word wins its own pixels
+    wrong = score(1 - perfect, scenes, words)
+    assert (wrong["miou"], wrong["fg"], wrong["argmax_fg"]) == (0.0, 0.0, 0.0), wrong
+    # every word's map is the union of the scene's shapes: thresholding credits it (each shape is inside its map), the
+    # argmax gives every pixel to the first word ("circle", ties) and leaves the others nothing
+    union = perfect[:, : len(CONCEPTS) - 1].amax(1, keepdim=True).expand_as(perfect)
+    blind = score(union, scenes, words)
+    assert blind["fg"] > 0.3 and blind["argmax_fg"] < 0.05, blind
+    # a softmax over the concepts keeps each pixel's order: the argmax scores do not change
+    noisy = perfect + 0.3 * torch.rand(perfect.shape, generator=torch.Generator().manual_seed(0))
+    ours, softened = score(noisy, scenes, words), score((4 * noisy).softmax(1), scenes, words)
+    assert (ours["argmax"], ours["argmax_fg"]) == (softened["argmax"], softened["argmax_fg"])
 
 
 def test_reference_maps_are_ordered_and_a_concept_blind_object_map_sits_between_disc_and_oracle():
