@@ -94,6 +94,18 @@ def auroc(scores: Tensor, labels: Tensor) -> Tensor:
     return greater + 0.5 * ties
 
 
+def word_correlation(output: Tensor, concepts: tuple[str, ...]) -> float:
+    """output (B, C, N) raw maps -> the Pearson correlation over tokens between two shape words' maps, averaged over
+    the pairs of shape words among `concepts` and over the scenes."""
+    shapes = [c for c, word in enumerate(concepts) if word in SHAPES]
+    x = output[:, shapes]
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    corr = torch.einsum("bin,bjn->bij", x, x)  # (B, W, W)
+    pairs = ~torch.eye(len(shapes), dtype=torch.bool, device=corr.device)
+    return corr[:, pairs].mean().item()
+
+
 def routing_diagnostics(
     sal: dict[int, object], scenes: list[Scene], h: int, w: int, concepts: tuple[str, ...], words: list[list[str]]
 ) -> dict[str, float]:
@@ -106,7 +118,10 @@ def routing_diagnostics(
       row-centred concept -> image logits, over their total variance, averaged over heads and concepts: the share
       that is one fixed positional pattern (an estimate from one batch; noise adds about 1 / batch);
     - `routing/lift/b{l}`, `routing/entropy/b{l}`: `attention_budget` of the block alone;
-    - `routing/output/b{l}`: mIoU of the output space with softmax of the block alone."""
+    - `routing/output/b{l}`: mIoU of the output space with softmax of the block alone;
+    - `routing/word_corr/b{l}`: the correlation over image tokens between two shape words' raw output-space maps
+      (o_c . o_x), averaged over word pairs and scenes: near 1 when every word's map is one shared map (the softmax
+      over concepts then has only the words' small differences to work with), near 0 when the words' maps differ."""
     results: dict[str, float] = {}
     pooled = {}
     for b, scene in enumerate(scenes):
@@ -132,5 +147,6 @@ def routing_diagnostics(
             results[f"routing/{key.split('/')[1]}/b{l}"] = value
         maps = s.output.float().softmax(1).reshape(len(scenes), -1, h, w)
         results[f"routing/output/b{l}"] = score(maps, scenes, words)["miou"]
+        results[f"routing/word_corr/b{l}"] = word_correlation(s.output.float(), concepts)
     results["routing/auroc/max"] = best
     return results

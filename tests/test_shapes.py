@@ -298,6 +298,10 @@ def test_routing_diagnostics_known_values():
     sal = {0: ConceptSaliency(attention=0.8 * fixed.softmax(-1), output=output[:, 0])}
     result = routing_diagnostics(sal, scenes, h, h, CONCEPTS, words)
     assert result["routing/positional/b0"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(result["routing/word_corr/b0"]) < 0.1  # independent random maps per word
+    shared = output[:, :1].expand(-1, C, -1, -1)[:, :, 0] * torch.arange(1.0, C + 1)[None, :, None] + 3.0
+    sal = {0: ConceptSaliency(attention=0.8 * fixed.softmax(-1), output=shared)}  # one map, scaled and shifted per word
+    assert routing_diagnostics(sal, scenes, h, h, CONCEPTS, words)["routing/word_corr/b0"] == pytest.approx(1.0)
     # logits that are each scene's own masks: nothing shared beyond the masks' overlap, and AUROC 1 on every head
     logits = torch.full((B, H, C, h * h), -4.0)
     for b, scene in enumerate(scenes):
