@@ -100,6 +100,7 @@ def measure(mode: str, folder: Path) -> dict:
     import torch
 
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+    scan: list[float] = []  # seconds of our loads' NaN scan
     if mode.startswith("diffusers"):
         from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     else:
@@ -116,7 +117,6 @@ def measure(mode: str, folder: Path) -> dict:
             scan.append(time.perf_counter() - begin)
 
         weights.check_finite = timed_check
-    scan: list[float] = []
     gc.collect()  # the imports' garbage, collected before the clock starts for every way alike (else a full
     # collection falls due inside whichever load allocates the most Python objects: 0.1 s of ours, not its work)
     before, start = rss_bytes(), time.perf_counter()

@@ -7,8 +7,9 @@ random maps; a centred disc of the mean shape radius (0.21 of the image, as `sha
 for every concept; every shape of the scene, pooled, the same for every concept ("all shapes": a map that finds the
 objects but cannot tell them apart, the level a raw map must beat to show it reads its word); the true masks
 average-pooled to the token grid (the best a map of that grid can do, "pooled oracle"); and the pooled masks sharpened
-by a softmax over the concepts (8 x pooled). Each map is scored exactly as a
-model's map is: upsampled, thresholded at its mean, foreground and background IoU averaged (mIoU).
+by a softmax over the concepts (8 x pooled). Each map is scored exactly as a model's map is (`shapes.measures.score`):
+upsampled, thresholded at its mean, foreground and background IoU averaged (mIoU), and with each pixel given to the
+word whose map is highest there (argmax).
 """
 
 import argparse
@@ -24,8 +25,8 @@ from shapes.scenes import WORLDS, SceneConfig, held_out_seeds, make_scene
 
 
 def ceilings(size: int, world: str = "shaded", scenes: int = 100) -> dict[str, dict[str, float]]:
-    """mIoU and foreground IoU of the five reference maps on `scenes` held-out scenes of `world` at `size` pixels
-    (a token grid of size / 16)."""
+    """The scores of `shapes.measures.score` for the five reference maps on `scenes` held-out scenes of `world` at
+    `size` pixels (a token grid of size / 16)."""
     config = SceneConfig(size=size, **WORLDS[world])
     drawn = [make_scene(s, config) for s in held_out_seeds(scenes)]
     concepts = list(world_concepts(world)[0])

@@ -25,34 +25,27 @@ def iou(pred: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     return fg.float(), bg.float()
 
 
-def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(..., h, w) maps -> (..., H, W), bilinear, as every score here reads a token-grid map at the image's pixels."""
-    flat = maps.float().reshape(-1, 1, *maps.shape[-2:])
-    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *size)
-
-
-def upsampled_iou(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """maps (K, h, w) float, masks (K, H, W) bool -> foreground IoU and background IoU (K,) of maps > their mean."""
-    up = upsample(maps, masks.shape[-2:])
-    return iou(up > up.mean(dim=(1, 2), keepdim=True), masks)
-
-
 def score(maps: Tensor, scenes: list[Scene], words: list[list[str]], scored=SHAPES) -> dict[str, float]:
     """maps (B, C, h, w); words[b][c] names concept c of scene b. Scores every `scored` word present in its scene:
     `miou` and `fg` threshold each map at its own mean (the card's metric); `argmax` and `argmax_fg` give each pixel to
     the concept whose map is highest there (the segmentation harness's masks) and score the same IoUs, so a word is
     credited only where its map beats the other words' maps: a map that is the same for every word, however well it
-    finds the objects, gives them all to one word. A softmax over the concepts does not change these two."""
-    labels = upsample(maps, scenes[0].image.shape[:2]).argmax(1)  # (B, H, W): each pixel's strongest concept
-    picked, won, masks = [], [], []
+    finds the objects, gives them all to one word. A softmax over the concepts does not change these two. Every map
+    is read at the image's pixels, bilinearly upsampled once."""
+    B, C, h, w = maps.shape
+    size = scenes[0].image.shape[:2]
+    up = F.interpolate(maps.float().reshape(B * C, 1, h, w), size=size, mode="bilinear", align_corners=False)
+    up = up.reshape(B, C, *size)
+    labels = up.argmax(1)  # (B, H, W): each pixel's strongest concept
+    above, won, masks = [], [], []
     for b, scene in enumerate(scenes):
         for c, word in enumerate(words[b]):
             if word in scored and word in scene.masks:
-                picked.append(maps[b, c])
+                above.append(up[b, c] > up[b, c].mean())
                 won.append(labels[b] == c)
                 masks.append(torch.from_numpy(scene.masks[word]))
     masks = torch.stack(masks).to(maps.device)
-    fg, bg = upsampled_iou(torch.stack(picked), masks)
+    fg, bg = iou(torch.stack(above), masks)
     fg_won, bg_won = iou(torch.stack(won), masks)
     return {
         "miou": ((fg + bg) / 2).mean().item(),
@@ -145,8 +138,8 @@ def routing_diagnostics(
         best = max(best, areas.max().item())
         for key, value in attention_budget([s], scenes, h, w, concepts).items():
             results[f"routing/{key.split('/')[1]}/b{l}"] = value
-        maps = s.output.float().softmax(1).reshape(len(scenes), -1, h, w)
-        results[f"routing/output/b{l}"] = score(maps, scenes, words)["miou"]
-        results[f"routing/word_corr/b{l}"] = word_correlation(s.output.float(), concepts)
+        raw = s.output.float()  # (B, C, N)
+        results[f"routing/output/b{l}"] = score(raw.softmax(1).reshape(len(scenes), -1, h, w), scenes, words)["miou"]
+        results[f"routing/word_corr/b{l}"] = word_correlation(raw, concepts)
     results["routing/auroc/max"] = best
     return results
