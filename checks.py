@@ -148,12 +148,29 @@ def model_recipe(source) -> dict:
     return recipe
 
 
+def check_run_finite(value: torch.Tensor, what: str, models, dtype: torch.dtype) -> None:
+    """Stop a run whose `value` (a step's prediction, the decoded pixels, the maps) holds NaN or an infinity, and say
+    why. Only then are the weights scanned: every model the loader marked (its `checkpoint`: file and repair hint) and
+    every other module of `models`, so a damaged checkpoint is named by file and tensor at no cost to a healthy run;
+    with every weight finite, the run's arithmetic left the range of its dtype."""
+    if bool(torch.isfinite(value).all()):
+        return
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "checkpoint"):
+                check_finite(module, *module.checkpoint)
+        check_finite(model, type(model).__name__)
+    fix = "; run it in float32 (--dtype float32)" if dtype == torch.float16 else ""
+    raise ValueError(f"the {what} holds NaN or infinite values while every weight is finite: the run overflowed in "
+                     f"{str(dtype).removeprefix('torch.')}{fix}")  # fmt: skip
+
+
 def check_finite(module: torch.nn.Module, where: str, hint: str = "") -> None:
-    """Raise a ValueError naming the first parameter or buffer that holds NaN or an infinity (damaged weights would
-    otherwise run and fail only when the maps are drawn). One sum per tensor, no copy: a sum is finite exactly when
-    every element is, short of an overflow. float32, bfloat16 and float64 are summed in their own dtype (bfloat16 has
-    float32's range, which sums of weights never reach; casting to float32 would copy every tensor and cost 10x the
-    time on the CPU); float16 (largest value 65,504) and 1-byte floats through float32 accumulation."""
+    """Raise a ValueError naming the first parameter or buffer that holds NaN or an infinity. One sum per tensor, no
+    copy: a sum is finite exactly when every element is, short of an overflow. float32, bfloat16 and float64 are summed
+    in their own dtype (bfloat16 has float32's range, which sums of weights never reach; casting to float32 would copy
+    every tensor and cost 10x the time on the CPU); float16 (largest value 65,504) and 1-byte floats through float32
+    accumulation."""
     from weights.errors import CheckpointError
 
     for name, tensor in (*module.named_parameters(), *module.named_buffers()):

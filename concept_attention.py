@@ -42,6 +42,7 @@ from checks import (
     check_count,
     check_device,
     check_flag,
+    check_run_finite,
     check_seed,
     check_t,
     model_recipe,
@@ -225,6 +226,15 @@ class ConceptPipeline:
         row = 0 if getattr(self, "_guided_half", "conditional") == "unconditional" else 1
         return prediction, {i: s.row(row) for i, s in saliency.items()}
 
+    def _models(self) -> list[torch.nn.Module]:
+        """The pipeline's models, scanned for damaged weights when a run turns NaN (`_check_finite`)."""
+        return [value for value in vars(self).values() if isinstance(value, torch.nn.Module)]
+
+    def _check_finite(self, value: Tensor, what: str) -> None:
+        """A NaN or infinite prediction, image or map stops the run with its cause (`checks.check_run_finite`):
+        the damaged weight by file and tensor, or an overflow of the run's dtype. One reduction when all is well."""
+        check_run_finite(value, what, self._models(), self.dtype)
+
     def _run_record(self) -> dict:
         """What settings.json says of the run besides its settings: the model, and where and how it ran."""
         return {"model": self.source, "family": self.family, "device": str(self.device),
@@ -276,6 +286,7 @@ class ConceptPipeline:
             nonlocal step
             wanted = collector.wants(step)
             out, saliency = self._velocity(x, t, cond, concept_input if wanted else None)
+            self._check_finite(out, f"prediction of sampling step {step + 1}")
             step += 1
             if wanted:
                 collector.add(saliency)
@@ -287,7 +298,9 @@ class ConceptPipeline:
                   "height": height, "width": width, "num_steps": num_steps, "seed": seed,
                   "guidance": float(guidance), "timesteps": [round(t, 6) for t in timesteps]}  # fmt: skip
         record.update(self._layer_record(settings, layers_from))
-        return self._result(image, concepts, collector, height, width, settings, record)
+        result = self._result(image, concepts, collector, height, width, settings, record)
+        self._check_finite(result.maps, "concept maps")
+        return result
 
     @torch.no_grad()
     def explain(self, image, concepts: list[str], prompt: str = "", t: float = 0.5, num_samples: int = 1,
@@ -335,6 +348,7 @@ class ConceptPipeline:
         collector, concept_input = self._prepare(prompt, concepts, settings, keep_grid)
         cond = self._explain_conditioning(prompt, guidance, height, width)
         z = self._encode(pil)
+        self._check_finite(z, "encoded image")
         samples = range(num_samples)
         if progress:
             from tqdm.auto import tqdm
@@ -350,7 +364,9 @@ class ConceptPipeline:
                   "num_samples": num_samples, "seed": seed,
                   "guidance": float(guidance) if self._uses_explain_guidance else None}  # fmt: skip
         record.update(self._layer_record(settings, layers_from))
-        return self._result(pil, concepts, collector, height, width, settings, record)
+        result = self._result(pil, concepts, collector, height, width, settings, record)
+        self._check_finite(result.maps, "concept maps")
+        return result
 
 
 def check_guidance(guidance) -> None:
@@ -486,7 +502,9 @@ class ConceptAttentionPipeline(ConceptPipeline):
 
     def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
         z = unpack(latents.float(), height, width).to(next(self.autoencoder.parameters()).dtype)
-        return imaging.to_pil(self.autoencoder.decode(z)[0])
+        pixels = self.autoencoder.decode(z)[0]
+        self._check_finite(pixels, "decoded image")
+        return imaging.to_pil(pixels)
 
     def _encode(self, pil: Image.Image) -> Tensor:
         ae_dtype = next(self.autoencoder.parameters()).dtype

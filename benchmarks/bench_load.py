@@ -11,8 +11,8 @@ ratio of diffusers' bf16 load; medians over the rounds with their spread (ratios
 - `weights.load_flux()` (float32, the CPU default): the model is twice the file, so 2.0 is the floor;
 - diffusers: `FluxTransformer2DModel.from_pretrained(folder, torch_dtype=...)`, bf16 and fp32;
 - naive: build the model on the CPU in the target dtype, `safetensors.torch.load_file`, `load_state_dict`.
-Our loads include the NaN scan (one sum per weight, `checks.check_finite`), which reads every weight as the read
-after it would; its seconds are printed apart. The imports' garbage is collected before each clock starts.
+Like diffusers', our loads do not scan the weights for NaN (the pipelines check their outputs and scan the weights
+only when one is not finite). The imports' garbage is collected before each clock starts.
 Memory-mapped file pages that a loader touches count as resident, as the kernel counts them; after the first load the
 file sits in the page cache, so the loads compare warm reads. Not a test (the numbers depend on the machine); run it
 by hand: `python benchmarks/bench_load.py [--keep DIR] [--repeats 3]`.
@@ -100,7 +100,6 @@ def measure(mode: str, folder: Path) -> dict:
     import torch
 
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
-    scan: list[float] = []  # seconds of our loads' NaN scan
     if mode.startswith("diffusers"):
         from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     else:
@@ -108,15 +107,6 @@ def measure(mode: str, folder: Path) -> dict:
 
         import mmdit
         import weights
-
-        checking = weights.check_finite  # timed apart: the NaN scan reads every weight, which diffusers does not do
-
-        def timed_check(*args, **kwargs):
-            begin = time.perf_counter()
-            checking(*args, **kwargs)
-            scan.append(time.perf_counter() - begin)
-
-        weights.check_finite = timed_check
     gc.collect()  # the imports' garbage, collected before the clock starts for every way alike (else a full
     # collection falls due inside whichever load allocates the most Python objects: 0.1 s of ours, not its work)
     before, start = rss_bytes(), time.perf_counter()
@@ -135,8 +125,7 @@ def measure(mode: str, folder: Path) -> dict:
     ready = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {"before": before, "peak": peak, "seconds": seconds, "ready": ready, "model_bytes": model_bytes,
-            "scan": sum(scan)}  # fmt: skip
+    return {"before": before, "peak": peak, "seconds": seconds, "ready": ready, "model_bytes": model_bytes}
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -175,7 +164,6 @@ def main() -> None:
                 f"{mode:20s} peak RSS over baseline x{spread(extra, '.2f')} file size "
                 f"(model {rs[0]['model_bytes'] / size:.1f} x file); load {spread([r['seconds'] for r in rs], '.2f')} s,"
                 f" weights read {spread([r['ready'] for r in rs], '.2f')} s = x{spread(ratios, '.2f')} of {PEER}"
-                + (f"; of it the NaN scan {spread([r['scan'] for r in rs], '.2f')} s" if "ours" in mode else "")
             )
 
 

@@ -205,6 +205,7 @@ class CogVideoXPipeline(ConceptPipeline):
     def _decode(self, latents: Tensor, height: int, width: int) -> list[Image.Image]:
         z = latents.permute(0, 2, 1, 3, 4).to(next(self.autoencoder.parameters()).dtype)  # (1, Z, F, h, w)
         video = self.autoencoder.decode(z)[0]  # (3, frames, H, W)
+        self._check_finite(video, "decoded video")
         return [imaging.to_pil(video[:, i]) for i in range(video.shape[1])]
 
     def _result(self, frames, concepts, collector: MapCollector, height, width, settings, record) -> VideoResult:
@@ -250,6 +251,7 @@ class CogVideoXPipeline(ConceptPipeline):
         clip = torch.stack([imaging.to_tensor(f) * 2 - 1 for f in frames], dim=1)[None]  # (1, 3, F, H, W)
         ae_dtype = next(self.autoencoder.parameters()).dtype
         z0 = self.autoencoder.encode(clip.to(self.device, ae_dtype)).permute(0, 2, 1, 3, 4).float()  # (1, F', Z, h, w)
+        self._check_finite(z0, "encoded video")
         timestep = round(t * (self.schedule.num_train_timesteps - 1))
         alpha = self.schedule.alphas_cumprod()[timestep].float()
         t_vec = torch.full((1,), timestep, device=self.device, dtype=torch.int64)
@@ -262,7 +264,9 @@ class CogVideoXPipeline(ConceptPipeline):
         record = {"mode": "explain", "model": self.source, "family": self.family, "prompt": prompt,
                   "height": height, "width": width, "t": t, "timestep": timestep, "num_samples": num_samples,
                   "seed": seed}  # fmt: skip
-        return self._result(frames, concepts, collector, height, width, settings, record)
+        result = self._result(frames, concepts, collector, height, width, settings, record)
+        self._check_finite(result.maps, "concept maps")
+        return result
 
 
 def cogvideox_facts(source: str | Path):

@@ -221,9 +221,15 @@ class SD3Pipeline(ConceptPipeline):
         out = self.transformer(x_t, t_vec, cond["context"], cond["y"], concepts=concepts, stop_after_concepts=True)
         return out.saliency
 
+    def _models(self) -> list[torch.nn.Module]:
+        text = [value for value in vars(self.text).values() if isinstance(value, torch.nn.Module)]
+        return super()._models() + text
+
     def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
         z = latents.to(next(self.autoencoder.parameters()).dtype)
-        return imaging.to_pil(self.autoencoder.decode(z)[0])
+        pixels = self.autoencoder.decode(z)[0]
+        self._check_finite(pixels, "decoded image")
+        return imaging.to_pil(pixels)
 
     def _encode(self, pil: Image.Image) -> Tensor:
         ae_dtype = next(self.autoencoder.parameters()).dtype

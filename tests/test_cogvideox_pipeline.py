@@ -144,3 +144,19 @@ def test_example_writes_a_result(tmp_path):
 
     assert main(["--out", str(tmp_path / "ex")]) == 0
     assert (tmp_path / "ex" / "contact_sheet.png").is_file() and (tmp_path / "ex" / "video.webp").is_file()
+
+
+def test_nan_weights_in_the_decoder_are_named(pair):
+    """A NaN in the video autoencoder's decoder: the frames are checked before they become pictures, and the tensor
+    and its file are named."""
+    ours, _ = pair
+    name, weight = [(n, p) for n, p in ours.autoencoder.named_parameters() if n.startswith("decoder.")][-1]
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    try:
+        with pytest.raises(ValueError, match=f"vae.*{name} holds NaN"):
+            ours.generate("a cat", ["cat", "sky"], 32, 48, 1, progress=False, num_frames=5)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)

@@ -1,6 +1,7 @@
 """Issue 24: every file of a model folder missing, empty, damaged or of the wrong type is a one-line error that names
 the file and says what to do (never a traceback, never `hf download --local-dir` into the user's folder), found before
-the model runs. The folder is a copy of the built-in shapes model."""
+the model runs; NaN weights at the run's first check, before anything is written. The folder is a copy of the built-in
+shapes model."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import concept_attention
@@ -63,15 +65,52 @@ def test_a_damaged_model_file_is_one_line_that_names_it(model, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_nan_weights_are_found_at_load_not_after_the_run(model, tmp_path, capsys):
-    state = load_file(model / "flux.safetensors")
-    name = "double_blocks.1.img_attn.qkv.weight"
+def damage_tensor(file: Path, name: str, value: float) -> None:
+    state = load_file(file)
     state[name] = state[name].clone()
-    state[name].view(-1)[7] = float("nan")
-    save_file(state, model / "flux.safetensors")
+    state[name].view(-1)[7] = value
+    save_file(state, file)
+
+
+def explain(capsys, model, out, image) -> tuple[int, str]:
+    argv = ["explain", "--model", str(model), "--image", str(image), "--concepts", "circle", "background",
+            "--size", "32", "--out", str(out)]  # fmt: skip
+    code = concept_attention.main(argv)
+    return code, capsys.readouterr().err
+
+
+# the tensor, and which check meets it first: the first step's prediction (transformer, T5), the decoded image or,
+# in explain, the maps (the autoencoder's encoder)
+NAN_CASES = {
+    "transformer": ("flux.safetensors", "double_blocks.1.img_attn.qkv.weight", "generate"),
+    "T5": ("t5.safetensors", "encoder.final_layer_norm.weight", "generate"),
+    "decoder": ("ae.safetensors", "decoder.conv_out.weight", "generate"),
+    "encoder": ("ae.safetensors", "encoder.conv_in.weight", "explain"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_weights_are_named_by_file_and_tensor_before_anything_is_written(model, tmp_path, capsys, case):
+    file, name, command = NAN_CASES[case]
+    damage_tensor(model / file, name, float("nan"))
+    if command == "generate":
+        code, err = generate(capsys, model, tmp_path / "out")
+    else:
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+        code, err = explain(capsys, model, tmp_path / "out", image)
+    *bar, last = err.strip().splitlines()  # the run stops at its first check; its progress bar comes before
+    assert code == 2 and last.startswith("error: ") and name in last and "NaN" in last, err
+    assert all("denoising" in line for line in bar) and str(model / file) in last, err
+    assert "intact copy" in last and not (tmp_path / "out").exists()
+
+
+def test_an_overflow_with_finite_weights_is_said_to_be_one(model, tmp_path, capsys):
+    damage_tensor(model / "flux.safetensors", "img_in.weight", 3e38)  # finite, but its products overflow float32
     code, err = generate(capsys, model, tmp_path / "out")
-    assert code == 2 and err.count("\n") == 1 and name in err and "NaN" in err, err
-    assert str(model / "flux.safetensors") in err and not (tmp_path / "out").exists()
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and "every weight is finite" in last and "overflowed" in last, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_finite_check_costs_one_reduction_per_tensor():

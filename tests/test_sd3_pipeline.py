@@ -197,3 +197,20 @@ def test_offline_hub_cache_and_damaged_files(snapshot, ours, tmp_path, monkeypat
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and shard.name in err[0] and "--force-download" in err[0], err
+
+
+def test_nan_weights_in_a_text_encoder_are_named(ours):
+    """A NaN in CLIP-G (held by the text encoders, not by the pipeline itself) stops the run at its first step with the
+    tensor and the file it came from."""
+    clip_g = ours.text.clip_g
+    name = next(n for n, _ in clip_g.named_parameters() if "final_layer_norm.weight" in n)
+    weight = clip_g.get_parameter(name)
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[3] = float("nan")
+    try:
+        with pytest.raises(ValueError, match=f"text_encoder_2.*{name} holds NaN"):
+            ours.generate("a cat", ["cat", "sky"], 32, 32, 2, progress=False)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)

@@ -10,6 +10,8 @@ Follows the two layouts of `black-forest-labs/FLUX.1-schnell` (checkpoints.md se
   CPU as it is stored (and starts on a 64-byte boundary), else read on its own with a plain file read, then moved to
   the target device and dtype: host memory stays about one model, with no second copy;
 - strict: every missing, unexpected or mis-shaped tensor is found before any data is read and reported in one error;
+  values are not scanned (that reads every weight: x1.2 of the load): each model records its file, which the pipelines'
+  `checks.check_run_finite` names, with the tensor, when a run turns NaN;
 - the config comes from the checkpoint (`config.json` or a sidecar, else the tensor shapes of a BFL file); presets fill
   only what neither says (RoPE axes and theta; the autoencoder's latent scale and shift).
 
@@ -33,7 +35,6 @@ import autoencoder
 import clip
 import mmdit
 import t5
-from checks import check_finite
 from clip.model import LEGACY_KEYS
 
 from .configs import (
@@ -117,7 +118,7 @@ def build(
         model = cls(config)
     plan = plan_load(model, tensors, rules, ignore, found.where)
     fill(model, plan, device, dtype)
-    check_finite(model, found.where, found.repair_hint(Path(found.where)))  # NaN weights: here, not after the run
+    model.checkpoint = (found.where, found.repair_hint(Path(found.where)))  # named if a run turns NaN: check_run_finite
     return model.eval().requires_grad_(False)
 
 
