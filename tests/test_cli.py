@@ -228,7 +228,9 @@ def start_long_run(out: Path) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "concept_attention.py"), "generate", "--model", "shapes", "--prompt", "x",
                "--concepts", "circle", "background", "--num-steps", "1000", "--size", "32",
                "--out", str(out)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent)
+    # a suite started in the background (`make test &`) ignores SIGINT, and so would the run: give it the default back
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not list(out.parent.glob(f".{out.name}.*.partial")):
         assert process.poll() is None and time.time() < deadline, process.communicate()
