@@ -235,6 +235,27 @@ class ConceptPipeline:
         the damaged weight by file and tensor, or an overflow of the run's dtype. One reduction when all is well."""
         check_run_finite(value, what, self._models(), self.dtype)
 
+    def _unpack(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """The sampler's latents as the autoencoder's [1, Z, H/8, W/8] (Flux: its tokens unpacked)."""
+        return latents
+
+    def _pack(self, z: Tensor) -> Tensor:
+        """The autoencoder's latents as the sampler's (the inverse of `_unpack`)."""
+        return z
+
+    def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
+        """The picture of the final latents, checked before it becomes one (a damaged decoder is named, not drawn)."""
+        z = self._unpack(latents.float(), height, width).to(next(self.autoencoder.parameters()).dtype)
+        pixels = self.autoencoder.decode(z)[0]
+        self._check_finite(pixels, "decoded image")
+        return imaging.to_pil(pixels)
+
+    def _encode(self, pil: Image.Image) -> Tensor:
+        """The autoencoder's latents of a picture (its posterior mean) in the sampler's layout and dtype."""
+        ae_dtype = next(self.autoencoder.parameters()).dtype
+        x = (imaging.to_tensor(pil) * 2 - 1)[None].to(self.device, ae_dtype)
+        return self._pack(self.autoencoder.encode(x).to(self.dtype))
+
     def _run_record(self) -> dict:
         """What settings.json says of the run besides its settings: the model, and where and how it ran."""
         return {"model": self.source, "family": self.family, "device": str(self.device),
@@ -500,16 +521,11 @@ class ConceptAttentionPipeline(ConceptPipeline):
                         stop_after_double=True)  # fmt: skip
         return out.saliency
 
-    def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
-        z = unpack(latents.float(), height, width).to(next(self.autoencoder.parameters()).dtype)
-        pixels = self.autoencoder.decode(z)[0]
-        self._check_finite(pixels, "decoded image")
-        return imaging.to_pil(pixels)
+    def _unpack(self, latents: Tensor, height: int, width: int) -> Tensor:
+        return unpack(latents, height, width)  # (1, N, 64) -> (1, 16, H/8, W/8)
 
-    def _encode(self, pil: Image.Image) -> Tensor:
-        ae_dtype = next(self.autoencoder.parameters()).dtype
-        x = (imaging.to_tensor(pil) * 2 - 1)[None].to(self.device, ae_dtype)
-        return pack(self.autoencoder.encode(x).to(self.dtype))  # (1, N, 64)
+    def _pack(self, z: Tensor) -> Tensor:
+        return pack(z)  # (1, 16, H/8, W/8) -> (1, N, 64)
 
 
 # ---- command line (commands.py) -----------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 import imaging
@@ -224,17 +223,6 @@ class SD3Pipeline(ConceptPipeline):
     def _models(self) -> list[torch.nn.Module]:
         text = [value for value in vars(self.text).values() if isinstance(value, torch.nn.Module)]
         return super()._models() + text
-
-    def _decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
-        z = latents.to(next(self.autoencoder.parameters()).dtype)
-        pixels = self.autoencoder.decode(z)[0]
-        self._check_finite(pixels, "decoded image")
-        return imaging.to_pil(pixels)
-
-    def _encode(self, pil: Image.Image) -> Tensor:
-        ae_dtype = next(self.autoencoder.parameters()).dtype
-        x = (imaging.to_tensor(pil) * 2 - 1)[None].to(self.device, ae_dtype)
-        return self.autoencoder.encode(x).to(self.dtype)  # (1, 16, H/8, W/8)
 
 
 def sd3_facts(source: str | Path):
