@@ -122,7 +122,8 @@ class ConceptPipeline:
     """The method, written once for every model family: concept encoding, the sampling loop, the noised forward of
     `explain`, the reduction of the per-layer saliency to maps. A family (Flux here, SD3.5 in `sd3.pipeline`)
     answers the hooks: its prompt conditioning, starting latents, schedule, one velocity with concepts, the saliency
-    of one noised forward, its autoencoder's encode/decode, its depth and size limits.
+    of one noised forward, its latents' layout (`_pack` / `_unpack`), its depth and size limits. Every prediction,
+    encoded and decoded image and map is checked to be finite (`_check_finite`).
 
     Every family has `self.t5` / `self.t5_tokenizer` / `self.max_length` (concepts are T5-encoded by default), the
     run `self.device` / `self.dtype`, `self.source`, `self.native_size` (the long side explain resizes to) and
