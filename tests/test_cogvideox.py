@@ -188,6 +188,31 @@ def test_config_validation():
         cogvideox_config_from_diffusers({**REAL["cogvideox-5b"], "patch_size_t": 2}, "real")
 
 
+# configs a user may point the loader at by mistake, each refused in one line that says what it is
+OTHER_CONFIGS = {
+    "image-to-video 5B": ({"ofs_embed_dim": 512}, "image-to-video"),
+    "learned positions (I2V)": ({"use_learned_positional_embeddings": True}, "use_learned_positional_embeddings"),
+    "another transformer": ({"_class_name": "SD3Transformer2DModel"}, "describes a SD3Transformer2DModel"),
+    "another activation": ({"activation_fn": "gelu"}, "activation or norm"),
+    "no affine norms": ({"norm_elementwise_affine": False}, "activation or norm"),
+    "no in_channels": ({"in_channels": ..., "out_channels": None}, "has no 'in_channels'"),  # ...: key removed
+    "depth as a string": ({"num_layers": "30"}, "wrong kind"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_CONFIGS))
+def test_other_transformers_configs_are_refused_by_name(case):
+    change, message = OTHER_CONFIGS[case]
+    cfg = {k: v for k, v in {**REAL["cogvideox-5b"], **change}.items() if v is not ...}
+    with pytest.raises(CheckpointError, match=message):
+        cogvideox_config_from_diffusers(cfg, "transformer/config.json")
+
+
+def test_out_channels_null_means_in_channels():  # as the Flux and SD3 configs read it
+    config = cogvideox_config_from_diffusers({**REAL["cogvideox-5b"], "out_channels": None}, "transformer/config.json")
+    assert config.out_channels == config.in_channels == 16
+
+
 # ---- the real CogVideoX-2b and -5b transformers, by their names and shapes (no data) --------------------------------
 
 
