@@ -245,3 +245,24 @@ def test_autoencoder_from_the_single_file_and_the_vae_folder(tmp_path):
     again = weights.load_sd3_autoencoder(tmp_path / "sd3.5_tiny.safetensors", "cpu", torch.float32)
     assert again.config == ours.config
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+# SD3.0 Medium's transformer/config.json (stabilityai/stable-diffusion-3-medium-diffusers): no qk_norm
+SD3_0 = {"_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
+         "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24,
+         "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+         "sample_size": 128}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({}, "not SD3.0"), ({"qk_norm": "rms_norm", "num_layers": "24"}, "wrong kind"),
+     ({"qk_norm": "rms_norm", "pos_embed_max_size": ...}, "has no 'pos_embed_max_size'")],
+    ids=["SD3.0", "depth as a string", "no position table size"],
+)  # fmt: skip
+def test_configs_the_sd3_loader_refuses_say_why(change, message):
+    cfg = {k: v for k, v in {**SD3_0, **change}.items() if v is not ...}
+    with pytest.raises(weights.CheckpointError, match=message):
+        sd3_config_from_diffusers(cfg, "transformer/config.json")
+    fixed = sd3_config_from_diffusers({**SD3_0, "qk_norm": "rms_norm"}, "transformer/config.json")  # only qk_norm
+    assert (fixed.depth, fixed.hidden_size, fixed.pos_embed_max_size) == (24, 1536, 192)
