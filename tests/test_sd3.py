@@ -266,3 +266,30 @@ def test_configs_the_sd3_loader_refuses_say_why(change, message):
         sd3_config_from_diffusers(cfg, "transformer/config.json")
     fixed = sd3_config_from_diffusers({**SD3_0, "qk_norm": "rms_norm"}, "transformer/config.json")  # only qk_norm
     assert (fixed.depth, fixed.hidden_size, fixed.pos_embed_max_size) == (24, 1536, 192)
+
+
+def test_family_of_a_hub_repo_not_yet_cached_is_read_from_its_model_index(tmp_path, monkeypatch):
+    """Online, with nothing cached: only the repo's model_index.json is fetched (a fake hub here); a repo without one
+    (BFL's) or no network gives "flux", whose loaders then say what is missing."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    indexes = {"stabilityai/stable-diffusion-3.5-large": "StableDiffusion3Pipeline", "THUDM/CogVideoX-5b":
+               "CogVideoXPipeline"}  # fmt: skip
+    fetched = []
+
+    def fake_download(repo, filename, cache_dir=None, **kwargs):
+        fetched.append((repo, filename))
+        if repo not in indexes:
+            raise huggingface_hub.errors.EntryNotFoundError(f"{repo} has no {filename}")
+        path = tmp_path / repo.replace("/", "--") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"_class_name": indexes[repo]}))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert weights.family("stabilityai/stable-diffusion-3.5-large") == "sd3"
+    assert weights.family("THUDM/CogVideoX-5b") == "cogvideox"
+    assert weights.family("black-forest-labs/FLUX.1-schnell") == "flux"
+    assert {name for _, name in fetched} == {"model_index.json"} and len(fetched) == 3
