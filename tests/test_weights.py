@@ -566,6 +566,21 @@ def test_no_matching_layout(world, tmp_path, monkeypatch):
         weights.load_flux("./no/such/place")
 
 
+def test_a_file_of_another_kind_is_named_for_what_it_is(world, tmp_path):
+    """Single files given to the wrong loader: diffusers' transformer weights (its folder holds the config they need),
+    the autoencoder given as the transformer and the transformer as the autoencoder."""
+    save_file(
+        {k: v.contiguous() for k, v in world.flux.state_dict().items()},
+        tmp_path / "diffusion_pytorch_model.safetensors",
+    )
+    with pytest.raises(CheckpointError, match="holds diffusers tensor names: load its folder"):
+        weights.load_flux(tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="is not a BFL Flux transformer checkpoint: it has no img_in.weight"):
+        weights.load_flux(world.bfl / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="is not a BFL autoencoder checkpoint: it has no encoder.conv_in.weight"):
+        weights.load_autoencoder(world.bfl / FLUX_FILE)
+
+
 def test_strict_mismatch_names_everything(world, tmp_path):
     state = flux_to_bfl(world.flux.state_dict())
     del state["single_blocks.2.linear2.weight"]
