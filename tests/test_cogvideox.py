@@ -196,7 +196,7 @@ OTHER_CONFIGS = {
     "another activation": ({"activation_fn": "gelu"}, "activation or norm"),
     "no affine norms": ({"norm_elementwise_affine": False}, "activation or norm"),
     "no in_channels": ({"in_channels": ..., "out_channels": None}, "has no 'in_channels'"),  # ...: key removed
-    "depth as a string": ({"num_layers": "30"}, "wrong kind"),
+    "depth as a string": ({"num_layers": "30"}, "wrong type"),
 }
 
 

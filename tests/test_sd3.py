@@ -256,7 +256,8 @@ SD3_0 = {"_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "capt
 
 @pytest.mark.parametrize(
     "change, message",
-    [({}, "not SD3.0"), ({"qk_norm": "rms_norm", "num_layers": "24"}, "wrong kind"),
+    [({}, r"^transformer/config.json: qk_norm None; only SD3.5 \(qk_norm 'rms_norm'\) is supported, not SD3.0$"),
+     ({"qk_norm": "rms_norm", "num_layers": "24"}, "wrong type"),
      ({"qk_norm": "rms_norm", "pos_embed_max_size": ...}, "has no 'pos_embed_max_size'")],
     ids=["SD3.0", "depth as a string", "no position table size"],
 )  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cogvideox
 
+from .configs import reading
 from .errors import CheckpointError
 from .files import read_config, read_weights
 from .find import locate
@@ -30,16 +31,12 @@ def cogvideox_config_from_diffusers(cfg: dict, where: str) -> cogvideox.CogVideo
     if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate" or not affine:
         raise CheckpointError(f"{where}: config.json has an activation or norm CogVideoX-2b/-5b do not use")
     fields = set(cogvideox.CogVideoXConfig.__dataclass_fields__) - {"rope_theta", "manual_attention"}
-    try:
+    with reading(where, "CogVideoXTransformer3DModel"):
         values = {k: cfg[k] for k in fields if k in cfg}
         values.setdefault("use_rotary_positional_embeddings", False)
         if values.get("out_channels") is None:
             values["out_channels"] = cfg["in_channels"]
         return cogvideox.CogVideoXConfig(**values)
-    except KeyError as error:
-        raise CheckpointError(f"{where}: config.json has no {error} (is it a CogVideoX transformer's?)") from None
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{where}: config.json has a value of the wrong kind ({error})") from None
 
 
 def load_cogvideox_transformer(source: str | Path, device=None, dtype=None) -> cogvideox.CogVideoX:

@@ -18,7 +18,8 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,21 @@ from checks import model_recipe
 from .errors import CheckpointError
 from .files import TensorInfo
 from .find import sidecar_name
+
+
+@contextmanager
+def reading(where: str, what: str) -> Iterator[None]:
+    """A key missing from a config.json, or a value of the wrong type or range (a string or a list where a number goes,
+    a list as the config, a size the config dataclass refuses), met while reading it: one `CheckpointError` that names
+    the file. The readers' own `CheckpointError`s pass as they are."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as error:
+        raise CheckpointError(f"{where}: config.json has no {error} (is it a {what} config?)") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise CheckpointError(f"{where}: config.json holds a value of the wrong type or range ({error})") from None
 
 
 def shape_reader(tensors: dict[str, TensorInfo], where: str, what: str) -> Callable[[str], tuple[int, ...]]:
@@ -89,7 +105,7 @@ def flux_config_from_shapes(tensors: dict[str, TensorInfo], where: str) -> mmdit
 
 def flux_config_from_diffusers(cfg: dict, tensors: dict[str, TensorInfo], where: str) -> mmdit.FluxConfig:
     """transformer/config.json; the MLP width and the qkv bias (fixed in diffusers' code) from the shapes."""
-    try:
+    with reading(where, "FluxTransformer2DModel"):
         if cfg.get("patch_size", 1) != 1:
             raise CheckpointError(f"{where}: patch_size {cfg['patch_size']} is not supported (Flux uses 1)")
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
@@ -110,10 +126,6 @@ def flux_config_from_diffusers(cfg: dict, tensors: dict[str, TensorInfo], where:
             qkv_bias="transformer_blocks.0.attn.to_q.bias" in tensors or not cfg["num_layers"],
             guidance_embed=bool(cfg.get("guidance_embeds", False)),
         )
-    except KeyError as error:
-        raise CheckpointError(f"{where}: config.json has no {error} (is it a FluxTransformer2DModel config?)") from None
-    except (TypeError, AttributeError) as error:  # a string or a list where a number goes, or a list as the config
-        raise CheckpointError(f"{where}: config.json holds a value of the wrong type ({error})") from None
 
 
 def ae_config_from_shapes(tensors: dict[str, TensorInfo], where: str) -> autoencoder.AutoEncoderConfig:
@@ -135,7 +147,8 @@ def ae_config_from_shapes(tensors: dict[str, TensorInfo], where: str) -> autoenc
 
 def ae_config_from_diffusers(cfg: dict, where: str) -> autoencoder.AutoEncoderConfig:
     """vae/config.json (AutoencoderKL); the resolution from the "flux" preset (informational)."""
-    try:  # quant convs or a missing mid attention show up as unexpected / missing tensors; GroupNorm has no shape
+    # quant convs or a missing mid attention show up as unexpected or missing tensors; GroupNorm has no shape
+    with reading(where, "AutoencoderKL"):
         if cfg.get("norm_num_groups", autoencoder.NUM_GROUPS) != autoencoder.NUM_GROUPS:
             raise CheckpointError(
                 f"{where}: norm_num_groups {cfg['norm_num_groups']}, the model has {autoencoder.NUM_GROUPS}"
@@ -152,10 +165,6 @@ def ae_config_from_diffusers(cfg: dict, where: str) -> autoencoder.AutoEncoderCo
             scale_factor=cfg["scaling_factor"],
             shift_factor=cfg.get("shift_factor") or 0.0,
         )
-    except KeyError as error:
-        raise CheckpointError(f"{where}: config.json has no {error} (is it an AutoencoderKL config?)") from None
-    except (TypeError, AttributeError, ZeroDivisionError) as error:  # wrong types, or a list as the config
-        raise CheckpointError(f"{where}: config.json holds a value of the wrong type ({error})") from None
 
 
 def config_from_json(cls: type, cfg: dict, where: str, defaults: dict | None = None):

@@ -23,7 +23,7 @@ from pathlib import Path
 import autoencoder
 import sd3
 
-from .configs import count_blocks, shape_reader
+from .configs import count_blocks, reading, shape_reader
 from .convert import Rule
 from .errors import CheckpointError
 from .files import TensorInfo, read_config, read_weights
@@ -128,7 +128,7 @@ def sd3_from_diffusers(depth: int, dual: tuple[int, ...]) -> tuple[Rule, ...]:
 
 def sd3_config_from_diffusers(cfg: dict, where: str) -> sd3.SD3Config:
     """transformer/config.json (SD3Transformer2DModel)."""
-    try:
+    with reading(where, "SD3Transformer2DModel"):
         if cfg.get("qk_norm") != "rms_norm":
             raise CheckpointError(
                 f"{where}: qk_norm {cfg.get('qk_norm')!r}; only SD3.5 (qk_norm 'rms_norm') is supported, not SD3.0"
@@ -145,10 +145,6 @@ def sd3_config_from_diffusers(cfg: dict, where: str) -> sd3.SD3Config:
             patch_size=cfg.get("patch_size", 2),
             dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
         )
-    except KeyError as error:
-        raise CheckpointError(f"{where}: config.json has no {error} (is it an SD3Transformer2DModel config?)") from None
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{where}: config.json has a value of the wrong kind ({error})") from None
 
 
 def sd3_config_from_shapes(tensors: dict[str, TensorInfo], where: str, prefix: str) -> sd3.SD3Config:
