@@ -56,18 +56,21 @@ class NoiseSchedule:
     @classmethod
     def from_file(cls, path: str | Path) -> NoiseSchedule:
         """From a snapshot's scheduler/scheduler_config.json; the class name picks the sampler."""
+        from weights.configs import config_from_json  # its values checked against the fields' types, by name
+
         path = Path(path)
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} is not a readable JSON file ({error}); replace it with an intact copy") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is a JSON {type(config).__name__}, not an object of settings; replace it")
         sampler = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}.get(config.get("_class_name"))
         if sampler is None:
             raise ValueError(f"{path}: scheduler {config.get('_class_name')!r} is not a CogVideoX scheduler")
         if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
             raise ValueError(f"{path}: beta_schedule {config['beta_schedule']!r}; CogVideoX uses scaled_linear")
-        names = [f for f in cls.__dataclass_fields__ if f != "sampler"]
-        return cls(sampler=sampler, **{k: config[k] for k in names if k in config})
+        return config_from_json(cls, {**config, "sampler": sampler}, str(path))
 
     def alphas_cumprod(self) -> Tensor:
         """(num_train_timesteps,) float64: scaled-linear betas, SNR shifted by snr_shift_scale (as SD3 shifts), then

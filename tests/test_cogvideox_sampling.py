@@ -3,6 +3,7 @@ the same model outputs (and, for the stochastic DPM sampler, generators with the
 drives them: 50 trailing steps of v-prediction with the real scheduler configs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,6 +69,13 @@ def test_bad_schedules(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match="not a readable JSON"):
         NoiseSchedule.from_file(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is a JSON list"):
+        NoiseSchedule.from_file(path)
+    for key, value in (("num_train_timesteps", "1000"), ("snr_shift_scale", None), ("beta_start", [0.1])):
+        path.write_text(json.dumps({**REAL["2b"], key: value}))
+        with pytest.raises(ValueError, match=re.escape(f"scheduler_config.json: {key} = {value!r} is not")):
+            NoiseSchedule.from_file(path)
     with pytest.raises(ValueError, match="v_prediction"):
         NoiseSchedule(prediction_type="epsilon")
     with pytest.raises(ValueError, match="num_steps"):
