@@ -30,23 +30,42 @@ from t5.tokenizer import pad_ids
 
 __all__ = ["CLIPTokenizer"]
 
+REPLACE = "replace it with an intact copy from the model's source"
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def read_object(path: Path) -> dict:
+    """A tokenizer file's JSON object; a damaged one (invalid JSON or UTF-8, or not an object) names itself."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); {REPLACE}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is a JSON {type(data).__name__}, not an object; {REPLACE}")
+    return data
+
+
 def special_tokens(folder: Path) -> tuple[str, frozenset[str]]:
     """The pad token and the special tokens matched after normalisation, from `special_tokens_map.json` and
     `tokenizer_config.json` (which wins) when the folder has them."""
-    settings = {}
+    settings, read = {}, []
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            settings |= json.loads((folder / name).read_text(encoding="utf-8"))
-    entries = [settings[key] for key in ("bos_token", "eos_token", "pad_token") if isinstance(settings.get(key), dict)]
-    entries += list(settings.get("added_tokens_decoder", {}).values())  # the later entry of a token wins
-    flags = {entry["content"]: entry.get("normalized", False) for entry in entries}
-    pad = settings.get("pad_token") or EOS  # null: no padding in transformers; ours always pads, as CLIP-L does
-    pad = pad["content"] if isinstance(pad, dict) else pad
+            settings |= read_object(folder / name)
+            read.append(name)
+    try:
+        entries = [
+            settings[key] for key in ("bos_token", "eos_token", "pad_token") if isinstance(settings.get(key), dict)
+        ]
+        entries += list(settings.get("added_tokens_decoder", {}).values())  # the later entry of a token wins
+        flags = {entry["content"]: entry.get("normalized", False) for entry in entries}
+        pad = settings.get("pad_token") or EOS  # null: no padding in transformers; ours always pads, as CLIP-L does
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        hash(pad)
+    except (KeyError, TypeError, AttributeError) as error:  # an entry that is no {"content": ...} object
+        raise ValueError(f"{folder}: {' or '.join(read)} has a malformed token entry ({error!r}); {REPLACE}") from None
     unsupported = sorted(set(flags) - {BOS, EOS, pad})
     if unsupported:
         raise ValueError(f"{folder}: added tokens {unsupported} are not supported (only BOS, EOS and the pad token)")
@@ -100,8 +119,13 @@ class CLIPTokenizer:
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"CLIP tokenizer folder {folder} has no {name}")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        vocab = read_object(folder / "vocab.json")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+            raise ValueError(f"{folder / 'vocab.json'} maps pieces to values that are not whole numbers; {REPLACE}")
+        try:
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except ValueError as error:
+            raise ValueError(f"{folder / 'merges.txt'} is not UTF-8 text ({error}); {REPLACE}") from None
         merges = []
         for number, line in enumerate(lines, start=1):
             if line.startswith("#version") or not line.strip():
@@ -110,7 +134,13 @@ class CLIPTokenizer:
             if len(pair) != 2:
                 raise ValueError(f"{folder / 'merges.txt'} line {number} is not two symbols: {line!r}")
             merges.append((pair[0], pair[1]))
-        return cls(vocab, merges, *special_tokens(folder))
+        if not merges:  # every word would fall apart into single characters
+            raise ValueError(f"{folder / 'merges.txt'} holds no merges; {REPLACE}")
+        pad, normalized = special_tokens(folder)
+        try:
+            return cls(vocab, merges, pad, normalized)
+        except Exception as error:  # a token missing from the vocabulary, or tokenizers' own refusal of the BPE
+            raise ValueError(f"{folder}: vocab.json and merges.txt make no tokenizer ({error}); {REPLACE}") from None
 
     def encode(self, text: str) -> list[int]:
         """BOS + BPE ids of `text` + EOS; no truncation, no padding."""

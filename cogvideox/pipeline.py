@@ -98,9 +98,8 @@ class CogVideoXPipeline(ConceptPipeline):
         text_device = "cpu" if memory != "full" else device
         t5 = weights.load_t5_encoder(source, text_device, dtype, component="cogvideox_t5")
         tokenizer = weights.load_t5_tokenizer(source, component="cogvideox_t5_tokenizer")
-        found = weights.locate(source, "cogvideox")
-        schedule_file = found.root / "scheduler" / "scheduler_config.json"
-        schedule = NoiseSchedule.from_file(schedule_file) if schedule_file.is_file() else NoiseSchedule()
+        found = weights.locate(source, "cogvideox_scheduler")  # fetched with the rest from the hub
+        schedule = NoiseSchedule.from_file(found.root / found.layout.folder / "scheduler_config.json")
         return cls(transformer, autoencoder, t5, tokenizer, schedule, device, dtype, str(source), memory)
 
     @property

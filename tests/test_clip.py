@@ -3,6 +3,7 @@ checkpoint manifest, loading SD3's two CLIPs from folders transformers wrote, th
 bigG: "!") against transformers' CLIPTokenizer, and the errors. Tiny configs only (bigG's layout on the meta device)."""
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -375,3 +376,28 @@ def test_tokenizer_pad_errors(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": extra}))
     with pytest.raises(ValueError, match="added tokens \\['<sks>'\\] are not supported"):
         CLIPTokenizer.from_folder(folder)
+
+
+# a damaged file of a CLIP tokenizer folder (SD3's tokenizer_2/, FLUX.1's tokenizer/): its name, and what is wrong
+DAMAGED = {
+    "vocab.json empty": ("vocab.json", "", "vocab.json is damaged (JSONDecodeError"),
+    "vocab.json a list": ("vocab.json", "[1, 2]", "vocab.json is a JSON list"),
+    "vocab.json ids as strings": ("vocab.json", '{"a": "1", "<|startoftext|>": 0, "<|endoftext|>": 2}',
+                                  "vocab.json maps pieces to values that are not whole numbers"),
+    "vocab.json without BOS": ("vocab.json", '{"a": 0, "<|endoftext|>": 1, "!": 2}', "no <|startoftext|> token"),
+    "merges.txt empty": ("merges.txt", "#version: 0.2\n", "merges.txt holds no merges"),
+    "merges.txt of unknown pieces": ("merges.txt", "#version: 0.2\nqq zz\n", "make no tokenizer"),
+    "special_tokens_map.json a list": ("special_tokens_map.json", "[]", "special_tokens_map.json is a JSON list"),
+    "tokenizer_config.json damaged": ("tokenizer_config.json", "{bad", "tokenizer_config.json is damaged"),
+    "a token entry without content": ("tokenizer_config.json", '{"pad_token": {"id": 0}}', "malformed token entry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_tokenizer_file_is_a_value_error_that_names_it(tmp_path, case):
+    name, text, message = DAMAGED[case]
+    folder = write_clip_tokenizer(tmp_path / "tokenizer_2", "!")
+    (folder / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        CLIPTokenizer.from_folder(folder)
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)

@@ -4,6 +4,7 @@ for the same seed (2B-like: sin-cos positions and DDIM; 5B-like: RoPE and the st
 guidance) while collecting concept maps [C, latent frames, h, w]; `explain` takes a clip."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,56 @@ def test_nan_weights_in_the_decoder_are_named(pair):
     finally:
         with torch.no_grad():
             weight.copy_(kept)
+
+
+def test_the_scheduler_comes_from_the_snapshot_or_the_hub_cache(pair, tmp_path, monkeypatch):
+    """The sampler and its noise schedule are the snapshot's (DDIM for the 2B, DPM for the 5B), also when loaded by repo
+    id from the Hugging Face cache; a snapshot without scheduler/ is refused with how to fetch it, never sampled with
+    another model's schedule."""
+    from test_weights import add_to_cache
+
+    import weights
+
+    ours, _ = pair
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    add_to_cache(tmp_path / "hub", "someone/tiny-cogvideox", Path(ours.source))
+    cached = ConceptAttentionPipeline.from_pretrained("someone/tiny-cogvideox", device="cpu", dtype=torch.float32)
+    rope = ours.transformer.config.use_rotary_positional_embeddings  # the 5B-like snapshot
+    assert cached.schedule == ours.schedule and cached.schedule.sampler == ("dpm" if rope else "ddim")
+    bare = tmp_path / "bare"
+    shutil.copytree(ours.source, bare, ignore=shutil.ignore_patterns("scheduler"))
+    with pytest.raises(weights.CheckpointNotFoundError, match="no CogVideoX scheduler .* scheduler/ with scheduler_"):
+        ConceptAttentionPipeline.from_pretrained(bare, device="cpu", dtype=torch.float32)
+
+
+def test_a_download_by_repo_id_fetches_the_scheduler(pair, tmp_path, monkeypatch):
+    """Online (huggingface_hub replaced by a fake that serves the snapshot's files): every component's files are
+    fetched, the scheduler's included, and the run samples with the snapshot's own schedule."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from test_weights import add_to_cache
+
+    ours, _ = pair
+    staging, cache, repo = Path(ours.source), tmp_path / "hub", "someone/online-cogvideox"
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    requested = []
+
+    def snapshot_download(repo_id, allow_patterns, cache_dir):
+        requested.extend(allow_patterns)
+        return str(add_to_cache(Path(cache_dir), repo_id, staging, list(allow_patterns)))
+
+    def hf_hub_download(repo_id, filename, cache_dir=None, **kwargs):
+        requested.append(filename)
+        return str(add_to_cache(Path(cache_dir), repo_id, staging, [filename]) / filename)
+
+    sizes = [SimpleNamespace(rfilename=f, size=(staging / f).stat().st_size) for f in files]
+    info = SimpleNamespace(sha="main", siblings=sizes)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: SimpleNamespace(model_info=lambda repo, files_metadata: info))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    online = ConceptAttentionPipeline.from_pretrained(repo, device="cpu", dtype=torch.float32)
+    assert "scheduler/scheduler_config.json" in requested and online.schedule == ours.schedule

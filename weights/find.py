@@ -40,7 +40,7 @@ class Layout:
     top-level `*.safetensors` no other component claims), with an optional sidecar `{file stem}_config.json` holding
     our config dataclass's fields (required when `sidecar` is True). kind "folder": `folder/config.json` +
     `folder/{stem}.safetensors`, or shards `folder/{stem}-00001-of-0000n.safetensors` + the index JSON. kind
-    "tokenizer": `folder/` holding every file of one of the `needs` groups.
+    "files": `folder/` holding every file of one of the `needs` groups (a tokenizer, a scheduler).
     """
 
     kind: str
@@ -114,13 +114,13 @@ COMPONENTS: dict[str, Component] = {
     ),
     "sd3_t5": Component("T5 text encoder", (Layout("folder", "text_encoder_3", "model"),)),
     "sd3_t5_tokenizer": Component(
-        "T5 tokenizer", (Layout("tokenizer", "tokenizer_3", needs=(("spiece.model",), ("tokenizer.json",))),)
+        "T5 tokenizer", (Layout("files", "tokenizer_3", needs=(("spiece.model",), ("tokenizer.json",))),)
     ),
     "t5_tokenizer": Component(
-        "T5 tokenizer", (Layout("tokenizer", "tokenizer_2", needs=(("spiece.model",), ("tokenizer.json",))),)
+        "T5 tokenizer", (Layout("files", "tokenizer_2", needs=(("spiece.model",), ("tokenizer.json",))),)
     ),
     "clip_tokenizer": Component(
-        "CLIP tokenizer", (Layout("tokenizer", "tokenizer", needs=(("vocab.json", "merges.txt"),)),)
+        "CLIP tokenizer", (Layout("files", "tokenizer", needs=(("vocab.json", "merges.txt"),)),)
     ),
     # SD3's OpenCLIP bigG (text_encoder_2/, shipped in float16 like CLIP-L); its tokenizer pads with "!", which only
     # special_tokens_map.json / tokenizer_config.json say, so one of them is needed too
@@ -129,7 +129,7 @@ COMPONENTS: dict[str, Component] = {
         "CLIP-G tokenizer",
         (
             Layout(
-                "tokenizer",
+                "files",
                 "tokenizer_2",
                 needs=(
                     ("vocab.json", "merges.txt", "special_tokens_map.json"),
@@ -142,8 +142,12 @@ COMPONENTS: dict[str, Component] = {
     "cogvideox": Component("CogVideoX transformer", (Layout("folder", "transformer", "diffusion_pytorch_model"),)),
     "cogvideox_autoencoder": Component("CogVideoX autoencoder", (Layout("folder", "vae", "diffusion_pytorch_model"),)),
     "cogvideox_t5": Component("T5 text encoder", (Layout("folder", "text_encoder", "model"),)),
+    # which sampler the model was made for (DDIM for CogVideoX-2b, DPM for -5b) and its noise schedule
+    "cogvideox_scheduler": Component(
+        "CogVideoX scheduler", (Layout("files", "scheduler", needs=(("scheduler_config.json",),)),)
+    ),
     "cogvideox_t5_tokenizer": Component(
-        "T5 tokenizer", (Layout("tokenizer", "tokenizer", needs=(("spiece.model",), ("tokenizer.json",))),)
+        "T5 tokenizer", (Layout("files", "tokenizer", needs=(("spiece.model",), ("tokenizer.json",))),)
     ),
 }
 
@@ -162,7 +166,7 @@ def match_layout(layout: Layout, names: set[str]) -> tuple[str, ...] | None:
             return picks[0], sidecar
         return None if layout.sidecar else (picks[0],)
     prefix = f"{layout.folder}/" if layout.folder else ""
-    if layout.kind == "tokenizer":
+    if layout.kind == "files":
         inside = {n[len(prefix) :] for n in names if n.startswith(prefix) and "/" not in n[len(prefix) :]}
         if any(set(group) <= inside for group in layout.needs):
             return tuple(sorted(prefix + n for n in inside))
