@@ -78,6 +78,7 @@ __all__ = [  # the public API (the command line: commands.py)
 ]
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+CLIP_FILES = ("text_encoder", "tokenizer", "clip.safetensors")  # any of them in a folder: the model has CLIP
 BUILTIN_MODEL = Path(__file__).resolve().parent / "shapes" / "weights"
 
 
@@ -459,13 +460,11 @@ class ConceptAttentionPipeline(ConceptPipeline):
             flux = weights.load_flux(source, device=device, dtype=dtype)
         autoencoder = weights.load_autoencoder(source, device=device, dtype=dtype)
         t5 = weights.load_t5_encoder(source, device=text_device, dtype=dtype)
-        try:
-            clip, clip_tokenizer = (
-                weights.load_clip_encoder(source, text_device, dtype),
-                weights.load_clip_tokenizer(source),
-            )
-        except FileNotFoundError:  # a model without a CLIP encoder (the built-in one) uses a zero pooled vector
-            clip, clip_tokenizer = None, None
+        clip = clip_tokenizer = None  # a folder with no CLIP at all (the built-in model's): a zero pooled vector
+        folder = Path(source).expanduser()
+        if not folder.is_dir() or any((folder / name).exists() for name in CLIP_FILES):  # a damaged CLIP is an error
+            clip = weights.load_clip_encoder(source, text_device, dtype)
+            clip_tokenizer = weights.load_clip_tokenizer(source)
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
         return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,

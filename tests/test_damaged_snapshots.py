@@ -1,7 +1,7 @@
-"""Every file of a tiny SD3.5 and CogVideoX snapshot (written by diffusers' `save_pretrained`) missing, empty, garbage,
-a JSON list, or with a number written as a string or a list as a number: `generate` on the command line either stops
-with one `error:` line that names the file or its folder, or runs on because the file is not read or has a stated
-fall-back (`FALLBACKS`). Never a traceback. The Flux family's files (the built-in model) are swept in
+"""Every file of a tiny FLUX.1 (diffusers layout), SD3.5 and CogVideoX snapshot written by diffusers' `save_pretrained`,
+missing, empty, garbage, a JSON list, or with a number written as a string or a list as a number: `generate` on the
+command line either stops with one `error:` line that names the file or its folder, or runs on because the file is not
+read or has a stated fall-back (`FALLBACKS`). Never a traceback. The built-in model's files are swept in
 `test_damaged_models.py`."""
 
 import json
@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from test_cogvideox_pipeline import snapshot as cogvideox_snapshot
+from test_flux_pipeline import write_snapshot as flux_snapshot
 from test_sd3_pipeline import snapshot  # noqa: F401 (the module's fixture: a tiny SD3.5 snapshot)
 
 import concept_attention
@@ -20,6 +21,8 @@ FALLBACKS = [
     ("*", "model_index.json", {"missing", "field"}, "the family is read from transformer/config.json when it is absent;"
      " only its _class_name is read"),
     ("*", "text_encoder*/config.json", {"field"}, "architectures and dropout rates are not model settings"),
+    ("flux", "scheduler/scheduler_config.json", ANY, "Flux's schedule is BFL's: shifted when the transformer has a "
+     "guidance embedding (dev), not for schnell"),
     ("sd3", "scheduler/scheduler_config.json", {"missing", "field"}, "SD3.5's shift is 3.0 in every release; "
      "base_image_seq_len belongs to dynamic shifting, which SD3.5 leaves off (CogVideoX's scheduler is required)"),
     ("clip", "tokenizer*/tokenizer.json", ANY, "a CLIP tokenizer is read from vocab.json and merges.txt"),
@@ -51,7 +54,7 @@ def damages(path: Path):
 
 def fallback(family: str, rel: Path, kind: str) -> str | None:
     """Why this damage may leave the run going, or None."""
-    t5_folder = rel.parent.name == "tokenizer_3" or (family == "cogvideox" and rel.parent.name == "tokenizer")
+    t5_folder = rel.parent.name == {"flux": "tokenizer_2", "sd3": "tokenizer_3", "cogvideox": "tokenizer"}[family]
     owners = {"*", family, "t5" if t5_folder else "clip"}
     reasons = [why for who, pattern, kinds, why in FALLBACKS if who in owners and rel.match(pattern) and kind in kinds]
     return reasons[0] if reasons else None
@@ -82,7 +85,7 @@ def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys) -> 
             if code == 0 and fallback(family, rel, kind) is not None:
                 continue
             problems.append(f"{rel} {name}: exit {code}, {last[:200]}")
-    print(f"{family}: {cases} damaged files, {len(problems)} problems")
+    print(f"{family}: {cases} damaged files, {len(problems)} problems", *problems, sep="\n  ")
     return problems
 
 
@@ -94,3 +97,9 @@ def test_every_file_of_a_cogvideox_snapshot(tmp_path_factory, tmp_path, capsys):
     folder = tmp_path_factory.mktemp("cogvideox") / "tiny-cogvideox"
     cogvideox_snapshot(folder, rope=True)
     assert sweep("cogvideox", folder, ["--size", "32x48", "--frames", "5"], tmp_path, capsys) == []
+
+
+def test_every_file_of_a_flux_snapshot(tmp_path_factory, tmp_path, capsys):
+    folder = tmp_path_factory.mktemp("flux") / "tiny-flux-schnell"
+    flux_snapshot(folder, dev=False)
+    assert sweep("flux", folder, ["--size", "32"], tmp_path, capsys) == []

@@ -25,12 +25,10 @@ T5_CONFIG = t5.CONFIGS["tiny"]
 MAX_LENGTH = 24  # T5 tokens (diffusers' max_sequence_length)
 
 
-@pytest.fixture(scope="module", params=["schnell", "dev"])
-def snapshot(request, tmp_path_factory):
-    """A tiny snapshot written by diffusers: FLUX.1-schnell-like (no guidance embedding, schnell's scheduler) or
-    FLUX.1-dev-like (a guidance embedding, dev's resolution-dependent shift)."""
-    dev = request.param == "dev"
-    source = tmp_path_factory.mktemp("tokenizers")
+def write_snapshot(folder, dev: bool):
+    """A tiny snapshot written by diffusers into `folder`: FLUX.1-schnell-like (no guidance embedding, schnell's
+    scheduler) or FLUX.1-dev-like (a guidance embedding, dev's resolution-dependent shift); -> diffusers' pipeline."""
+    source = folder.parent / f"{folder.name}-tokenizers"
     write_clip_tokenizer(source / "tokenizer", "<|endoftext|>")
     train_spiece(source / "tokenizer_2")
     clip_ref = clip_reference(CLIP_CONFIG)
@@ -65,11 +63,16 @@ def snapshot(request, tmp_path_factory):
         text_encoder_2=t5_ref.eval(),
         tokenizer_2=transformers.T5TokenizerFast.from_pretrained(str(source / "tokenizer_2")),
     )
-    folder = tmp_path_factory.mktemp("snap") / f"tiny-flux-{request.param}"
     pipe.save_pretrained(folder, max_shard_size="50KB")  # T5 and the transformer in shards, with their indexes
     for name in ("tokenizer", "tokenizer_2"):  # our tokenizers read the original files
         shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
-    return folder, pipe
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["schnell", "dev"])
+def snapshot(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("snap") / f"tiny-flux-{request.param}"
+    return folder, write_snapshot(folder, request.param == "dev")
 
 
 @pytest.fixture(scope="module")
