@@ -55,6 +55,7 @@ from saliency import (
 )
 from sampling import check_size
 from shapes.scenes import world_words
+from video import TIME_FACTOR
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -256,8 +257,8 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
     size = imaging.auto_size(image.height, image.width, facts.native_size)
     if size != (image.height, image.width):
         rule = f"long side at most {facts.native_size}, multiples of 16"
-        print(f"note: {args.image} is {image.height}x{image.width}; explaining it at {size[0]}x{size[1]} ({rule}); "
-              "--size HxW picks another size", file=sys.stderr)  # fmt: skip
+        print(f"note: {args.video or args.image} is {image.height}x{image.width}; explaining it at {size[0]}x{size[1]} "
+              f"({rule}); --size HxW picks another size", file=sys.stderr)  # fmt: skip
     return size
 
 
@@ -278,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings_from_args(args, facts.family)
         size = check_arguments(args, settings, facts)
         check_size(*size)
-        imaging.check_memory(*size, device, run_dtype, facts.ae_channels, facts.hidden_size, facts.max_length)
+        video = args.command == "generate" and facts.family == "cogvideox"  # explain's clip is counted once read
+        latent_frames = 1 + (args.frames - 1) // TIME_FACTOR if video else 1
+        imaging.check_memory(*size, device, run_dtype, facts.ae_channels, facts.hidden_size, facts.max_length,
+                             latent_frames)  # fmt: skip
         prompt = args.prompt
         notes = text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax)
         for note in notes + unseen_words(concepts, facts.known_words):

@@ -245,14 +245,17 @@ def estimate_memory(height: int, width: int, device: torch.device, dtype: torch.
 
 
 def check_memory(height: int, width: int, device: torch.device, dtype: torch.dtype, ae_channels: int,
-                 hidden_size: int, text_tokens: int) -> None:  # fmt: skip
-    """Refuse a size whose activation estimate exceeds what the device holds, with the estimate."""
+                 hidden_size: int, text_tokens: int, frames: int = 1) -> None:  # fmt: skip
+    """Refuse a size whose activation estimate exceeds what the device holds, with the estimate. `frames`: latent
+    frames of a video, whose tokens stack like rows of one tall image."""
     have = device_memory(device)
-    need = estimate_memory(height, width, device, dtype, ae_channels, hidden_size, text_tokens)
+    need = estimate_memory(height * frames, width, device, dtype, ae_channels, hidden_size, text_tokens)
     if have is not None and max(need.values()) > have:
         gb = 1024**3
+        video = f" with {frames} latent frames" if frames > 1 else ""
+        fix = "a smaller --size or fewer --frames" if frames > 1 else "a smaller --size (size=(height, width))"
         raise ValueError(
-            f"size {height}x{width} needs about {max(need.values()) / gb:.1f} GB on {device} for activations alone "
-            f"(autoencoder {need['autoencoder'] / gb:.1f} GB, transformer {need['transformer'] / gb:.1f} GB), more "
-            f"than the {have / gb:.1f} GB it has; give a smaller --size (size=(height, width))"
+            f"size {height}x{width}{video} needs about {max(need.values()) / gb:.1f} GB on {device} for activations "
+            f"alone (autoencoder {need['autoencoder'] / gb:.1f} GB, transformer {need['transformer'] / gb:.1f} GB), "
+            f"more than the {have / gb:.1f} GB it has; give {fix}"
         )

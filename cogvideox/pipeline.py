@@ -150,8 +150,8 @@ class CogVideoXPipeline(ConceptPipeline):
         """The image estimate with the latent frames stacked: the tokens grow with the frames."""
         latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
         cfg = self.autoencoder.config
-        imaging.check_memory(height * latent_frames, width, self.device, self.dtype, cfg.block_out_channels[0],
-                             self.transformer.config.inner_dim, self.max_length)  # fmt: skip
+        imaging.check_memory(height, width, self.device, self.dtype, cfg.block_out_channels[0],
+                             self.transformer.config.inner_dim, self.max_length, latent_frames)  # fmt: skip
 
     @torch.no_grad()
     def _conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:

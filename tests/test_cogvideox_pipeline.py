@@ -214,3 +214,22 @@ def test_a_download_by_repo_id_fetches_the_scheduler(pair, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     online = ConceptAttentionPipeline.from_pretrained(repo, device="cpu", dtype=torch.float32)
     assert "scheduler/scheduler_config.json" in requested and online.schedule == ours.schedule
+
+
+def test_command_line_names_frames_and_the_clip(pair, tmp_path, capsys):
+    """Too many frames are refused by the memory estimate before any weights load, naming the frames; a clip explained
+    at another size is named in the note (it said `None`)."""
+    from PIL import Image
+
+    from concept_attention import main
+
+    ours, _ = pair
+    common = ["--model", ours.source, "--concepts", "cat", "grass", "--device", "cpu"]
+    argv = ["generate", "--prompt", "a cat", "--frames", "4000001", "--out", str(tmp_path / "g"), *common]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "with 1000001 latent frames needs about" in err and "fewer --frames" in err and "denoising" not in err
+    frames = [Image.new("RGB", (50, 34), (40 * i, 90, 120)) for i in range(5)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert main(["explain", "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path / "e"), *common]) == 0
+    assert f"note: {tmp_path / 'clip.gif'} is 34x50; explaining it at 32x48" in capsys.readouterr().err
