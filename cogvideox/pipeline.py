@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 import imaging
-from checks import check_count, check_device
+from checks import check_count, check_device, check_flag, check_seed, check_t
 from concept_attention import ConceptPipeline, check_guidance, memory_mode
 from mmdit import ConceptInput
 from mmdit.memory import prepare_flux, prepare_t5
@@ -229,13 +229,22 @@ class CogVideoXPipeline(ConceptPipeline):
         concepts = check_concepts(concepts)
         settings = family_settings(settings, self.family)  # "official" on CogVideoX is its own; options checked
         check_count(num_samples, "num_samples", 1)
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 1:
-            raise ValueError(f"t = {t!r}: the noise level must lie in [0, 1]")
+        t = check_t(t)
+        check_seed(seed, num_samples)
+        check_flag(progress, "progress")
+        if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
+            raise ValueError(f"size = {size!r}: give (height, width), two multiples of 16")
         if guidance is not None:
             check_guidance(guidance)
-        frames = load_video(video) if isinstance(video, (str, Path)) else list(video)
-        if not frames or not all(isinstance(f, Image.Image) for f in frames):
-            raise ValueError("video must be a path or a non-empty list of PIL images")
+        if isinstance(video, (str, Path)):
+            frames = load_video(video)
+        elif isinstance(video, (list, tuple)) and video and all(isinstance(f, Image.Image) for f in video):
+            frames = list(video)
+        else:
+            raise ValueError(f"video must be a path or a non-empty list of PIL images, got {type(video).__name__}")
+        if len({f.size for f in frames}) > 1:  # as for a folder of frames: resizing each would distort some
+            raise ValueError(f"the frames differ in size ({sorted({f.size for f in frames})[:3]}); give frames of one "
+                             "size")  # fmt: skip
         frames = frames[: 1 + TIME_FACTOR * ((len(frames) - 1) // TIME_FACTOR)]
         self._frames = len(frames)
         size = size or imaging.auto_size(frames[0].height, frames[0].width, self.native_size)

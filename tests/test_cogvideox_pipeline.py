@@ -233,3 +233,26 @@ def test_command_line_names_frames_and_the_clip(pair, tmp_path, capsys):
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     assert main(["explain", "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path / "e"), *common]) == 0
     assert f"note: {tmp_path / 'clip.gif'} is 34x50; explaining it at 32x48" in capsys.readouterr().err
+
+
+def test_explain_checks_its_arguments_as_the_image_models_do(pair):
+    """Wrong types and values are ValueErrors that name them, before anything runs (TypeErrors before, or silently
+    accepted: a negative seed, progress="no", frames of mixed sizes that the resize would have distorted)."""
+    from PIL import Image
+
+    ours, _ = pair
+    clip = [Image.new("RGB", (48, 32))] * 5
+    cases = [
+        (dict(video=None), "video must be a path or a non-empty list of PIL images, got NoneType"),
+        (dict(video=5), "got int"),
+        (dict(video=[Image.new("RGB", (48, 32)), Image.new("RGB", (32, 32))]), "the frames differ in size"),
+        (dict(seed=-1), "seed = -1"),
+        (dict(seed="1"), "seed = '1'"),
+        (dict(progress="no"), "progress = 'no'"),
+        (dict(size="32x48"), "size = '32x48': give \\(height, width\\)"),
+        (dict(t=float("nan")), "t = nan"),
+    ]
+    for change, message in cases:
+        arguments = {"video": clip, "concepts": ["cat", "sky"], "progress": False, **change}
+        with pytest.raises(ValueError, match=message):
+            ours.explain(**arguments)
