@@ -166,10 +166,13 @@ def command(args: argparse.Namespace) -> int:
     args.device = choose_device(args.device)
     dataset = open_dataset(args.dataset, args.data, args.split)
     class_map = args.class_map or ("none" if args.dataset == "folder" else protocol.class_map)
+    facts = model_facts(args.model)  # the checkpoint's headers, config and tokenizer: no weights read
+    if facts.family == "cogvideox":
+        raise ValueError(f"{args.model} is a CogVideoX (video) model; the benchmark scores image models (FLUX.1, "
+                         "SD3.5, the built-in model)")  # fmt: skip
+    check_layers(methods, facts.depth, f"the model {args.model}", facts.block_kind)
     plan = prepare(dataset, protocol, methods, args.out, limit=args.limit, rank=rank, world_size=world_size,
                    class_map=class_map, model=args.model)  # fmt: skip
-    facts = model_facts(args.model)  # the checkpoint's headers, config and tokenizer: no weights read
-    check_layers(methods, facts.depth, f"the model {args.model}", facts.block_kind)
     pipe = build_pipeline(args)
     results = run_plan(pipe, plan, progress=not args.no_progress)
     if results is not None:

@@ -256,3 +256,21 @@ def test_explain_checks_its_arguments_as_the_image_models_do(pair):
         arguments = {"video": clip, "concepts": ["cat", "sky"], "progress": False, **change}
         with pytest.raises(ValueError, match=message):
             ours.explain(**arguments)
+
+
+def test_the_segmentation_benchmark_refuses_a_video_model(pair, tmp_path, capsys):
+    from PIL import Image
+
+    from segmentation.__main__ import main
+
+    ours, _ = pair
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    Image.new("RGB", (48, 32)).save(data / "images" / "a.png")
+    Image.new("L", (48, 32), 1).save(data / "masks" / "a.png")
+    (data / "concepts.json").write_text('{"a.png": ["cat"]}')
+    argv = ["run", "--dataset", "folder", "--data", str(data), "--model", ours.source, "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--layers", "all", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "is a CogVideoX (video) model" in capsys.readouterr().err and not (tmp_path / "out").exists()
