@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-steps", type=int, default=None,
                      help="sampling steps (default: the model's own: 4 for schnell and SD3.5 Large Turbo, 28 for "
                      "SD3.5 Large, 40 for Medium, 50 for shapes)")  # fmt: skip
-    gen.add_argument("--frames", type=int, default=49,
-                     help="CogVideoX: frames of the video, 1 + 4k (default 49); image models ignore it")  # fmt: skip
+    gen.add_argument("--frames", type=int, default=None,
+                     help="CogVideoX: frames of the video, 1 + 4k (default 49); refused for image models")  # fmt: skip
     gen.add_argument("--guidance", type=float, default=None,
                      help="SD3.5: classifier-free guidance scale, none at or below 1 (default: the model card's: 0 for "
                      "Large Turbo, 3.5 Large, 4.5 Medium); FLUX.1-dev: its distilled guidance (3.5)")  # fmt: skip
@@ -236,9 +236,11 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
                          f"(0..{facts.depth - 1}){fix}")  # fmt: skip
     if args.command == "generate":
         if facts.family == "cogvideox":
-            from cogvideox.pipeline import check_frames
+            from cogvideox.pipeline import FRAMES, check_frames
 
-            check_frames(args.frames)
+            args.frames = check_frames(FRAMES if args.frames is None else args.frames)
+        elif args.frames is not None:
+            raise ValueError(f"--frames is for CogVideoX (video); {args.model} is an image model ({facts.family})")
         return args.size or facts.native_shape or (facts.native_size, facts.native_size)
     if (args.image is None) == (args.video is None):
         raise ValueError("explain needs --image FILE (image models) or --video CLIP (CogVideoX), one of them")

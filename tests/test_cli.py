@@ -333,3 +333,11 @@ def test_too_many_samples_name_the_samples_not_only_the_seed(model_dir, tmp_path
     code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky",
                        "--samples", str(10**20), "--out", tmp_path / "out")  # fmt: skip
     assert code == 2 and "with 100000000000000000000 noise samples" in err, err
+
+
+def test_frames_are_refused_for_an_image_model(tmp_path, capsys):
+    """--frames is CogVideoX's; given to an image model it is an error (it was silently ignored), before any load."""
+    code, _, err = run(capsys, "generate", "--model", "shapes", "--prompt", "x", "--concepts", "circle", "background",
+                       "--frames", "5", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "--frames is for CogVideoX (video); shapes is an image model (flux)" in err
+    assert not (tmp_path / "out").exists()
