@@ -173,7 +173,9 @@ def check_finite(module: torch.nn.Module, where: str, hint: str = "") -> None:
     accumulation."""
     from weights.errors import CheckpointError
 
-    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+    streamed = [(f"{name}.{key}", t) for name, sub in module.named_modules() if hasattr(sub, "host_tensors")
+                for key, t in sub.host_tensors()]  # fmt: skip  # blocks streamed from host memory hold no parameters
+    for name, tensor in (*module.named_parameters(), *module.named_buffers(), *streamed):
         if not tensor.is_floating_point() or not tensor.numel():
             continue
         if tensor.dtype.itemsize == 1:  # float8 has no sum

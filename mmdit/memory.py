@@ -218,6 +218,11 @@ class StreamedBlock(nn.Module):
     def forward(self, *args, **kwargs):
         return self.streamer.run(self.index, *args, **kwargs)
 
+    def host_tensors(self) -> list[tuple[str, Tensor]]:
+        """The block's weights as they wait in host memory, by their names in the block."""
+        names = self.streamer.slots[self.streamer.slot_of[self.index]].state_dict().keys()
+        return list(zip(names, self.streamer.host[self.index], strict=True))
+
     def extra_repr(self) -> str:
         return f"{self.kind} block {self.index}, streamed from host memory"
 

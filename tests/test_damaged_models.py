@@ -187,3 +187,16 @@ def test_a_list_as_any_components_config_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is a JSON list, not an object of settings") as err:
         read_config(found)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("memory", ["stream", "fp8", "offload"])
+def test_nan_weights_are_named_in_every_memory_mode(model, tmp_path, capsys, memory):
+    """Streamed blocks keep their weights in host memory, outside the module's parameters: the scan reads them there
+    (it said "every weight is finite" in the "stream" mode)."""
+    name = "double_blocks.1.img_attn.qkv.weight"
+    damage_tensor(model / "flux.safetensors", name, float("nan"))
+    argv = ["generate", "--model", str(model), "--prompt", "a red circle", "--concepts", "circle", "background",
+            "--num-steps", "1", "--size", "32", "--memory", memory, "--out", str(tmp_path / "out")]  # fmt: skip
+    assert concept_attention.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"flux.safetensors: {name} holds NaN" in last, last
