@@ -234,6 +234,8 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
         given, fix = ("--layers", "") if args.layers else (f"the preset {args.preset!r} averages blocks", PICK)
         raise ValueError(f"{given} {list(settings.layers)}: this model has {facts.depth} {facts.block_kind} "
                          f"(0..{facts.depth - 1}){fix}")  # fmt: skip
+    if args.grid and facts.family == "cogvideox":
+        raise ValueError("--grid: the layer x step grid is not available for videos (CogVideoX) yet")
     if args.command == "generate":
         if facts.family == "cogvideox":
             from cogvideox.pipeline import FRAMES, check_frames

@@ -33,11 +33,12 @@ MAX_SETTINGS_BYTES = 16 * 2**20  # a settings.json larger than this is not one o
 
 def file_stems(concepts: list[str], name_max: int = 255) -> list[str]:
     """ "NN_concept" per concept: characters other than letters and digits become "_", and the name is cut so that
-    "NN_concept.png" fits `name_max` bytes (the index keeps names unique)."""
+    "NN_concept.webp" (a video's heatmap animation, the longest suffix written) fits `name_max` bytes (the index keeps
+    names unique)."""
     stems = []
     for i, name in enumerate(concepts):
         stem = f"{i:02d}_{''.join(ch if ch.isalnum() else '_' for ch in name)}"
-        while len(stem.encode()) > name_max - len(".png"):
+        while len(stem.encode()) > name_max - len(".webp"):
             stem = stem[:-1]
         stems.append(stem)
     return stems

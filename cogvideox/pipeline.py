@@ -134,6 +134,8 @@ class CogVideoXPipeline(ConceptPipeline):
         """`ConceptPipeline._prepare` with the official recipe's options: the concepts' T5 length, zero padding slots
         up to the prompt's length (owned by `PADDING`: in the softmax over concepts, dropped from the maps), and the
         half of the guided batch the maps come from."""
+        if keep_grid is not False:  # checked before anything runs (it was refused after the run)
+            raise ValueError(f"keep_grid = {keep_grid!r}: the layer x step grid is not available for videos yet")
         self._guided_half = settings.guided_half
         layers = self._layers(settings, keep_grid)
         self._warn(prompt, concepts, settings)
@@ -210,8 +212,6 @@ class CogVideoXPipeline(ConceptPipeline):
     def _result(self, frames, concepts, collector: MapCollector, height, width, settings, record) -> VideoResult:
         latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
         h, w = height // 16, width // 16
-        if collector.keep_grid:
-            raise ValueError("keep_grid is not available for videos yet")
         maps = (collector.total / collector.count).reshape(len(concepts), latent_frames, h, w)
         record = {**record, "frames": len(frames), "latent_frames": latent_frames}
         return VideoResult(frames[0], concepts, maps, settings, record, collector.layers, None, frames=frames)

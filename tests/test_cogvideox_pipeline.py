@@ -229,6 +229,10 @@ def test_command_line_names_frames_and_the_clip(pair, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "with 1000001 latent frames needs about" in err and "fewer --frames" in err and "denoising" not in err
+    argv = ["generate", "--prompt", "a cat", "--frames", "5", "--grid", "--out", str(tmp_path / "g"), *common]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--grid: the layer x step grid is not available for videos" in err and "denoising" not in err
     frames = [Image.new("RGB", (50, 34), (40 * i, 90, 120)) for i in range(5)]
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     assert main(["explain", "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path / "e"), *common]) == 0
@@ -251,6 +255,7 @@ def test_explain_checks_its_arguments_as_the_image_models_do(pair):
         (dict(progress="no"), "progress = 'no'"),
         (dict(size="32x48"), "size = '32x48': give \\(height, width\\)"),
         (dict(t=float("nan")), "t = nan"),
+        (dict(keep_grid=True), "not available for videos"),  # before the forwards (it was refused after them)
     ]
     for change, message in cases:
         arguments = {"video": clip, "concepts": ["cat", "sky"], "progress": False, **change}

@@ -75,3 +75,15 @@ def test_result_folder(tmp_path):
     assert sheet.width == 3 * 48 and sheet.height == 8 * (32 + 14) + 30  # 8 of 9 frames x (frame, 2 concepts), a bar
     assert json.loads((out / "settings.json").read_text())["written_by"] == "concept_attention"
     assert OutputFolder(tmp_path / "out", result.concepts).replaces  # its own earlier result may be replaced
+
+
+def test_long_concept_names_fit_the_file_system_as_animations_too(tmp_path):
+    """heatmaps/NN_concept.webp is a byte longer than the .png the names were cut for (a 300-character concept failed
+    with "File name too long" after the run)."""
+    frames = clip(5)
+    concepts = ["x" * 300, "chat noir \u00e9t\u00e9 " * 20]
+    maps = torch.full((2, 2, 2, 3), 0.5)
+    result = VideoResult(frames[0], concepts, maps, Settings(), {"mode": "generate"}, frames=frames)
+    out = OutputFolder(tmp_path / "out", concepts).write(result)
+    names = [p.name for p in (out / "heatmaps").iterdir()]
+    assert len(names) == 4 and all(len(n.encode()) <= 255 for n in names)
