@@ -250,6 +250,7 @@ class OutputFolder:
                 continue
             try:
                 os.rename(self.tmp, self.out)
+                self.replaces = True  # said so at the end, also when that result appeared during this run
                 return
             except OSError:
                 continue

@@ -398,3 +398,14 @@ def test_offload_must_be_a_bool():
     with pytest.raises(ValueError, match="offload = 'yes'"):
         memory_mode("full", "yes")
     assert memory_mode("full", True) == "offload"
+
+
+def test_a_result_written_meanwhile_is_replaced_and_said_to_be(tmp_path):
+    """Two runs into one new folder: the later one replaces the result the other put there while it computed (a
+    result of this program), and says so (it said "wrote", as for a new folder)."""
+    first, second = OutputFolder(tmp_path / "out", ["cat"]), OutputFolder(tmp_path / "out", ["dog"])
+    assert not first.replaces and not second.replaces  # the folder did not exist when either began
+    first.write(fake_result(["cat"], value=1.0))
+    second.write(fake_result(["dog"], value=2.0))
+    assert second.replaces and (tmp_path / "out" / "heatmaps" / "00_dog.png").exists()
+    assert not (tmp_path / "out" / "heatmaps" / "00_cat.png").exists()
