@@ -207,6 +207,11 @@ def model_facts(source: str | Path) -> ModelFacts:
 PICK = "; give --layers and --steps-used, or another --preset"  # when a preset's choice does not fit the model
 
 
+# the components whose float16 safety the command line checks before anything loads, per family
+FAMILY_COMPONENTS = {"flux": ("flux", "autoencoder", "t5"), "sd3": ("sd3", "sd3_autoencoder", "sd3_t5"),
+                     "cogvideox": ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5")}  # fmt: skip
+
+
 def check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelFacts) -> tuple[int, int]:
     """Every check that needs no weights; -> the size the model will run at (explain: printed when resized)."""
     size = _check_arguments(args, settings, facts)
@@ -277,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype not in (None, "bfloat16", "float32", "float16"):  # float16: refused below, with the reason
             raise ValueError(f"--dtype {args.dtype!r}: choose bfloat16 or float32")
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        for component in ("flux", "autoencoder", "t5"):  # float16 is refused here, not after the transformer loads
-            run_dtype = weights.resolve_device_dtype(component, device, dtype)[1]
         facts = model_facts(args.model)
+        for component in FAMILY_COMPONENTS[facts.family]:  # float16 refused here, naming the family's own model
+            run_dtype = weights.resolve_device_dtype(component, device, dtype)[1]
         settings = _settings_from_args(args, facts.family)
         size = check_arguments(args, settings, facts)
         check_size(*size)

@@ -214,3 +214,12 @@ def test_nan_weights_in_a_text_encoder_are_named(ours):
     finally:
         with torch.no_grad():
             weight.copy_(kept)
+
+
+def test_float16_is_refused_naming_the_sd3_transformer(snapshot, tmp_path, capsys):
+    from concept_attention import main
+
+    args = ["generate", "--model", str(snapshot[0]), "--prompt", "x", "--concepts", "a", "b", "--dtype", "float16",
+            "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    assert "the SD3.5 transformer does not run safely in float16" in capsys.readouterr().err  # it named Flux's
