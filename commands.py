@@ -36,6 +36,7 @@ from concept_attention import (
     BUILTIN_MODEL,
     DEFAULT_MODEL,
     EXPLAIN_GUIDANCE,
+    MAX_SAMPLES,
     MAX_STEPS,
     ConceptAttentionPipeline,
     native_size,
@@ -229,7 +230,7 @@ def _check_arguments(args: argparse.Namespace, settings: Settings, facts: ModelF
         check_count(args.num_steps, "--num-steps", 1, MAX_STEPS)
     else:
         check_t(args.t)
-        check_count(args.samples, "--samples", 1)
+        check_count(args.samples, "--samples", 1, MAX_SAMPLES)
     check_seed(args.seed, 1 if args.command == "generate" else args.samples)
     if settings.steps is not None and max(settings.steps) >= count:
         what = "sampling steps (--num-steps)" if args.command == "generate" else "noise samples (--samples)"

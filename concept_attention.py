@@ -91,6 +91,7 @@ def memory_mode(memory: str, offload: bool) -> str:
 
 
 MAX_STEPS = 1000  # sampling steps: schnell uses 4, dev about 50; more builds lists and loops to no purpose
+MAX_SAMPLES = 1000  # explain's noise draws: the paper averages a few; a typo such as 10**10 would run for ever
 NATIVE_SIZE = 1024  # FLUX.1's native resolution: the long side explain() resizes to when not told a size
 # Guidance fed to guidance-distilled models (FLUX.1-dev) by explain(): the value such a model samples with, so that
 # the forward sees the conditioning it was distilled on. The official code feeds 0 (explain(guidance=0.0) restores it).
@@ -344,7 +345,7 @@ class ConceptPipeline:
         check_flag(progress, "progress")
         if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2):
             raise ValueError(f"size = {size!r}: give (height, width), two multiples of 16")
-        check_count(num_samples, "num_samples", 1)
+        check_count(num_samples, "num_samples", 1, MAX_SAMPLES)
         check_seed(seed, num_samples)
         guidance = EXPLAIN_GUIDANCE if guidance is None else guidance
         check_guidance(guidance)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 import imaging
 from checks import check_count, check_device, check_flag, check_seed, check_t
-from concept_attention import ConceptPipeline, check_guidance, memory_mode
+from concept_attention import MAX_SAMPLES, ConceptPipeline, check_guidance, memory_mode
 from mmdit import ConceptInput
 from mmdit.memory import prepare_flux, prepare_t5
 from saliency import PADDING, MapCollector, Settings, check_concepts, family_settings
@@ -228,7 +228,7 @@ class CogVideoXPipeline(ConceptPipeline):
 
         concepts = check_concepts(concepts)
         settings = family_settings(settings, self.family)  # "official" on CogVideoX is its own; options checked
-        check_count(num_samples, "num_samples", 1)
+        check_count(num_samples, "num_samples", 1, MAX_SAMPLES)
         t = check_t(t)
         check_seed(seed, num_samples)
         check_flag(progress, "progress")

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from concept_attention import MAX_SAMPLES
+
 from .datasets import VOC_CLASSES
 from .imagenet_names import CLASS_CONCEPTS
 
@@ -88,8 +90,8 @@ class Protocol:
                 raise ValueError(f"Protocol.{field} = {value!r}; choose one of {', '.join(allowed)}")
         if not 0.0 <= self.t <= 1.0:
             raise ValueError(f"Protocol.t = {self.t}: the noise level must lie in [0, 1]")
-        if self.num_samples < 1:
-            raise ValueError(f"Protocol.num_samples = {self.num_samples}: need at least one noise sample")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f"Protocol.num_samples = {self.num_samples}: give 1 to {MAX_SAMPLES} noise samples")
         if not 0 <= self.seed <= 2**63 - self.num_samples:
             raise ValueError(f"Protocol.seed = {self.seed}: seeds {self.seed}..{self.seed + self.num_samples - 1} must "
                              f"lie in [0, 2**63)")  # fmt: skip

@@ -332,7 +332,7 @@ def test_too_many_samples_name_the_samples_not_only_the_seed(model_dir, tmp_path
     Image.new("RGB", (32, 32)).save(image)
     code, _, err = run(capsys, "explain", "--model", model_dir, "--image", image, "--concepts", "cat", "sky",
                        "--samples", str(10**20), "--out", tmp_path / "out")  # fmt: skip
-    assert code == 2 and "with 100000000000000000000 noise samples" in err, err
+    assert code == 2 and "--samples = 100000000000000000000: give a number from 1 to 1000" in err, err
 
 
 def test_frames_are_refused_for_an_image_model(tmp_path, capsys):
@@ -341,3 +341,15 @@ def test_frames_are_refused_for_an_image_model(tmp_path, capsys):
                        "--frames", "5", "--out", tmp_path / "out")  # fmt: skip
     assert code == 2 and "--frames is for CogVideoX (video); shapes is an image model (flux)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_samples_are_bounded_before_anything_loads(tmp_path, capsys):
+    """explain --samples 10000000000 ran (for ever) where 1000 noise draws are already far past any use."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    code, _, err = run(capsys, "explain", "--model", "shapes", "--image", tmp_path / "in.png", "--concepts", "circle",
+                       "background", "--samples", "10000000000", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "--samples = 10000000000: give a number from 1 to 1000" in err and "sample/s" not in err
+    from segmentation.protocols import PROTOCOLS
+
+    with pytest.raises(ValueError, match="give 1 to 1000 noise samples"):
+        PROTOCOLS["paper-imagenet"].with_overrides(num_samples=1001)

@@ -256,6 +256,7 @@ def test_explain_checks_its_arguments_as_the_image_models_do(pair):
         (dict(size="32x48"), "size = '32x48': give \\(height, width\\)"),
         (dict(t=float("nan")), "t = nan"),
         (dict(keep_grid=True), "not available for videos"),  # before the forwards (it was refused after them)
+        (dict(num_samples=10**10), "num_samples = 10000000000: give a number from 1 to 1000"),  # it ran for ever
     ]
     for change, message in cases:
         arguments = {"video": clip, "concepts": ["cat", "sky"], "progress": False, **change}
