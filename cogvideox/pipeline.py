@@ -286,6 +286,8 @@ def cogvideox_facts(source: str | Path):
 
     found = weights.locate(source, "cogvideox")
     tensors = weights.read_weights(found)
+    scheduler = weights.locate(source, "cogvideox_scheduler")  # missing or damaged: said before the weights load
+    NoiseSchedule.from_file(scheduler.root / scheduler.layout.folder / "scheduler_config.json")
     embed = tensors.get("patch_embed.proj.weight")
     return ModelFacts(
         str(source), count_blocks(tensors, "transformer_blocks"), embed.shape[0] if embed else 3072, 128, MAX_LENGTH,

@@ -280,3 +280,20 @@ def test_the_segmentation_benchmark_refuses_a_video_model(pair, tmp_path, capsys
             "--device", "cpu", "--layers", "all", "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "is a CogVideoX (video) model" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_missing_scheduler_is_said_before_any_weights_load(pair, tmp_path, capsys, monkeypatch):
+    from concept_attention import main
+
+    ours, _ = pair
+    bare = tmp_path / "bare"
+    shutil.copytree(ours.source, bare, ignore=shutil.ignore_patterns("scheduler"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the snapshot was checked")
+
+    monkeypatch.setattr(ConceptAttentionPipeline, "from_pretrained", refuse)
+    argv = ["generate", "--model", str(bare), "--prompt", "a cat", "--concepts", "cat", "sky", "--frames", "5",
+            "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    assert "no CogVideoX scheduler" in capsys.readouterr().err
