@@ -281,11 +281,12 @@ def cogvideox_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of a CogVideoX
     snapshot (no weights read)."""
     import weights
-    from commands import ModelFacts
+    from commands import ModelFacts, check_files
     from weights.configs import count_blocks
 
     found = weights.locate(source, "cogvideox")
     tensors = weights.read_weights(found)
+    check_files(source, ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5"))
     scheduler = weights.locate(source, "cogvideox_scheduler")  # missing or damaged: said before the weights load
     NoiseSchedule.from_file(scheduler.root / scheduler.layout.folder / "scheduler_config.json")
     embed = tensors.get("patch_embed.proj.weight")

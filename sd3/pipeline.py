@@ -228,17 +228,21 @@ class SD3Pipeline(ConceptPipeline):
 def sd3_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of an SD3.5 snapshot."""
     import weights
-    from commands import ModelFacts
+    from commands import ModelFacts, check_files
     from weights.configs import count_blocks
 
     tensors = weights.read_weights(weights.locate(source, "sd3"))
+    root = Path(source).parent if Path(source).is_file() else source
+    check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))
+    check_files(source, ("sd3", "sd3_autoencoder"))
+    if Path(str(root)).is_dir():
+        scheduler_shift(root)  # a damaged scheduler_config.json
     single = "model.diffusion_model.x_embedder.proj.weight"
     depth = count_blocks(tensors, "transformer_blocks") or count_blocks(tensors, "model.diffusion_model.joint_blocks")
     embed = tensors.get("pos_embed.proj.weight") or tensors.get(single)
     dual = any(".attn2." in key for key in tensors)
     name = str(source).lower()
     steps = DEFAULTS["medium" if dual else "turbo" if "turbo" in name else "large"][0]
-    root = Path(source).parent if Path(source).is_file() else source
     table = tensors.get("pos_embed.pos_embed") or tensors.get("model.diffusion_model.pos_embed")
     max_size = 16 * round(table.shape[1] ** 0.5) if table else None
     return ModelFacts(str(source), depth, embed.shape[0] if embed else 2432, 128, 256, NATIVE_SIZE,

@@ -1,8 +1,8 @@
 """Every file of a tiny FLUX.1 (diffusers layout), SD3.5 and CogVideoX snapshot written by diffusers' `save_pretrained`,
 missing, empty, garbage, a JSON list, or with a number written as a string or a list as a number: `generate` on the
-command line either stops with one `error:` line that names the file or its folder, or runs on because the file is not
-read or has a stated fall-back (`FALLBACKS`). Never a traceback. The built-in model's files are swept in
-`test_damaged_models.py`."""
+command line either stops with one `error:` line that names the file or its folder, before any weights load, or runs
+on because the file is not read or has a stated fall-back (`FALLBACKS`). Never a traceback. The built-in model's files
+are swept in `test_damaged_models.py`."""
 
 import json
 import shutil
@@ -60,8 +60,15 @@ def fallback(family: str, rel: Path, kind: str) -> str | None:
     return reasons[0] if reasons else None
 
 
-def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys) -> list[str]:
-    problems, cases = [], 0
+def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys, monkeypatch) -> list[str]:
+    problems, cases, loads = [], 0, []
+    load = concept_attention.ConceptAttentionPipeline.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):  # an error found before this call was found before any weights loaded
+        loads.append(1)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(concept_attention.ConceptAttentionPipeline, "from_pretrained", classmethod(counted))
     for rel in sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()):
         for name, kind, damage in damages(root / rel):
             cases += 1
@@ -71,6 +78,7 @@ def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys) -> 
             damage(case / rel)
             argv = ["generate", "--model", str(case), "--prompt", "a cat", "--concepts", "cat", "sky", "--device",
                     "cpu", "--num-steps", "1", "--out", str(out), *extra]  # fmt: skip
+            loads.clear()
             try:
                 code = concept_attention.main(argv)
             except BaseException as error:  # noqa: BLE001 (a traceback is what this test looks for)
@@ -81,6 +89,8 @@ def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys) -> 
             lines = capsys.readouterr().err.strip().splitlines()
             last = lines[-1] if lines else ""
             if code == 2 and last.startswith("error: ") and (rel.name in last or f"{rel.parent.name}/" in last):
+                if loads:
+                    problems.append(f"{rel} {name}: said only after the weights loaded: {last[:200]}")
                 continue
             if code == 0 and fallback(family, rel, kind) is not None:
                 continue
@@ -89,17 +99,17 @@ def sweep(family: str, root: Path, extra: list[str], tmp_path: Path, capsys) -> 
     return problems
 
 
-def test_every_file_of_an_sd3_snapshot(snapshot, tmp_path, capsys):  # noqa: F811
-    assert sweep("sd3", snapshot[0], ["--size", "32"], tmp_path, capsys) == []
+def test_every_file_of_an_sd3_snapshot(snapshot, tmp_path, capsys, monkeypatch):  # noqa: F811
+    assert sweep("sd3", snapshot[0], ["--size", "32"], tmp_path, capsys, monkeypatch) == []
 
 
-def test_every_file_of_a_cogvideox_snapshot(tmp_path_factory, tmp_path, capsys):
+def test_every_file_of_a_cogvideox_snapshot(tmp_path_factory, tmp_path, capsys, monkeypatch):
     folder = tmp_path_factory.mktemp("cogvideox") / "tiny-cogvideox"
     cogvideox_snapshot(folder, rope=True)
-    assert sweep("cogvideox", folder, ["--size", "32x48", "--frames", "5"], tmp_path, capsys) == []
+    assert sweep("cogvideox", folder, ["--size", "32x48", "--frames", "5"], tmp_path, capsys, monkeypatch) == []
 
 
-def test_every_file_of_a_flux_snapshot(tmp_path_factory, tmp_path, capsys):
+def test_every_file_of_a_flux_snapshot(tmp_path_factory, tmp_path, capsys, monkeypatch):
     folder = tmp_path_factory.mktemp("flux") / "tiny-flux-schnell"
     flux_snapshot(folder, dev=False)
-    assert sweep("flux", folder, ["--size", "32"], tmp_path, capsys) == []
+    assert sweep("flux", folder, ["--size", "32"], tmp_path, capsys, monkeypatch) == []

@@ -117,7 +117,8 @@ def build(
     with torch.device("meta"), SkipInit():
         model = cls(config)
     plan = plan_load(model, tensors, rules, ignore, found.where)
-    fill(model, plan, device, dtype)
+    if device.type != "meta":  # on the meta device: every check made, no data read (the command line's dry run)
+        fill(model, plan, device, dtype)
     model.checkpoint = (found.where, found.repair_hint(Path(found.where)))  # named if a run turns NaN: check_run_finite
     return model.eval().requires_grad_(False)
 
