@@ -34,12 +34,12 @@ from checks import (
 )
 from concept_attention import (
     BUILTIN_MODEL,
-    CLIP_FILES,
     DEFAULT_MODEL,
     EXPLAIN_GUIDANCE,
     MAX_SAMPLES,
     MAX_STEPS,
     ConceptAttentionPipeline,
+    has_clip,
     native_size,
     sampling_defaults,
 )
@@ -180,26 +180,6 @@ class ModelFacts:
     native_shape: tuple[int, int] | None = None  # height, width of a generated result when not square (CogVideoX)
 
 
-def check_files(source, components: tuple[str, ...], tokenizers: tuple[str, ...] = ()) -> None:
-    """`components` loaded on the meta device (files found, headers, configs, tensor names and shapes checked, no data
-    read) and `tokenizers` read, so that a missing or damaged file of any component is said before the weights load."""
-    import weights
-    from weights.cogvideox import load_cogvideox_autoencoder, load_cogvideox_transformer
-
-    loaders = {"flux": weights.load_flux, "autoencoder": weights.load_autoencoder, "sd3": weights.load_sd3,
-               "sd3_autoencoder": weights.load_sd3_autoencoder, "cogvideox": load_cogvideox_transformer,
-               "cogvideox_autoencoder": load_cogvideox_autoencoder}  # fmt: skip
-    for component in components:
-        if component in loaders:
-            loaders[component](source, "meta")
-        elif "t5" in component:
-            weights.load_t5_encoder(source, "meta", component=component)
-        else:
-            weights.load_clip_encoder(source, "meta", component=component)
-    for component in tokenizers:
-        weights.load_clip_tokenizer(source, component=component)
-
-
 def model_facts(source: str | Path) -> ModelFacts:
     """The tokenizer, the T5 length and the sizes that matter for the checks, from the checkpoints' headers."""
     import weights
@@ -216,9 +196,9 @@ def model_facts(source: str | Path) -> ModelFacts:
 
         return cogvideox_facts(source)
     flux = weights.read_weights(weights.locate(source, "flux"))
-    folder = Path(source).expanduser()
-    clip = not folder.is_dir() or any((folder / name).exists() for name in CLIP_FILES)  # as from_pretrained decides
-    check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if clip else 3], ("clip_tokenizer",) if clip else ())
+    clip = has_clip(source)
+    weights.check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if clip else 3],
+                        ("clip_tokenizer",) if clip else ())  # fmt: skip
     depth = count_blocks(flux, "double_blocks") or count_blocks(flux, "transformer_blocks")
     embed = flux.get("img_in.weight") or flux.get("x_embedder.weight")
     ae = weights.read_weights(weights.locate(source, "autoencoder")).get("encoder.conv_in.weight")

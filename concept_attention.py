@@ -98,6 +98,13 @@ NATIVE_SIZE = 1024  # FLUX.1's native resolution: the long side explain() resize
 EXPLAIN_GUIDANCE = 3.5
 
 
+def has_clip(source: str | Path) -> bool:
+    """Whether a Flux-family model has a CLIP text encoder: a hub repo does; a folder does when it holds any of its
+    files (a damaged CLIP is then an error, not a zero pooled vector); the built-in model's folder holds none."""
+    folder = Path(source).expanduser()
+    return not folder.is_dir() or any((folder / name).exists() for name in CLIP_FILES)
+
+
 def native_size(source: str | Path) -> int:
     """The long side a model was trained at: a folder's recipe.json "size" (the built-in model: 128), else 1024.
     A damaged recipe.json is a ValueError that names it (`checks.model_recipe`)."""
@@ -453,6 +460,9 @@ class ConceptAttentionPipeline(ConceptPipeline):
             return CogVideoXPipeline.from_pretrained(source, device, dtype, offload, memory)
         device = check_device(device)
         memory = memory_mode(memory, offload)
+        clip = has_clip(source)  # every file checked before the weights load (on the meta device: no data read)
+        weights.check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if clip else 3],
+                            ("clip_tokenizer",) if clip else ())  # fmt: skip
         text_device = "cpu" if memory != "full" else device
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
             flux_dtype = weights.resolve_device_dtype("flux", device, dtype)[1]
@@ -461,11 +471,12 @@ class ConceptAttentionPipeline(ConceptPipeline):
             flux = weights.load_flux(source, device=device, dtype=dtype)
         autoencoder = weights.load_autoencoder(source, device=device, dtype=dtype)
         t5 = weights.load_t5_encoder(source, device=text_device, dtype=dtype)
-        clip = clip_tokenizer = None  # a folder with no CLIP at all (the built-in model's): a zero pooled vector
-        folder = Path(source).expanduser()
-        if not folder.is_dir() or any((folder / name).exists() for name in CLIP_FILES):  # a damaged CLIP is an error
+        clip_tokenizer = None  # a folder with no CLIP at all (the built-in model's): a zero pooled vector
+        if clip:
             clip = weights.load_clip_encoder(source, text_device, dtype)
             clip_tokenizer = weights.load_clip_tokenizer(source)
+        else:
+            clip = None
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
         return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,

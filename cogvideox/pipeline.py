@@ -89,6 +89,9 @@ class CogVideoXPipeline(ConceptPipeline):
 
         device = check_device(device)
         memory = memory_mode(memory, offload)
+        weights.check_files(source, ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5"))  # no data read
+        found = weights.locate(source, "cogvideox_scheduler")  # fetched with the rest from the hub
+        schedule = NoiseSchedule.from_file(found.root / found.layout.folder / "scheduler_config.json")
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
             host_dtype = weights.resolve_device_dtype("cogvideox", device, dtype)[1]
             transformer = load_cogvideox_transformer(source, "cpu", host_dtype)
@@ -98,8 +101,6 @@ class CogVideoXPipeline(ConceptPipeline):
         text_device = "cpu" if memory != "full" else device
         t5 = weights.load_t5_encoder(source, text_device, dtype, component="cogvideox_t5")
         tokenizer = weights.load_t5_tokenizer(source, component="cogvideox_t5_tokenizer")
-        found = weights.locate(source, "cogvideox_scheduler")  # fetched with the rest from the hub
-        schedule = NoiseSchedule.from_file(found.root / found.layout.folder / "scheduler_config.json")
         return cls(transformer, autoencoder, t5, tokenizer, schedule, device, dtype, str(source), memory)
 
     @property
@@ -281,12 +282,12 @@ def cogvideox_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of a CogVideoX
     snapshot (no weights read)."""
     import weights
-    from commands import ModelFacts, check_files
+    from commands import ModelFacts
     from weights.configs import count_blocks
 
     found = weights.locate(source, "cogvideox")
     tensors = weights.read_weights(found)
-    check_files(source, ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5"))
+    weights.check_files(source, ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5"))
     scheduler = weights.locate(source, "cogvideox_scheduler")  # missing or damaged: said before the weights load
     NoiseSchedule.from_file(scheduler.root / scheduler.layout.folder / "scheduler_config.json")
     embed = tensors.get("patch_embed.proj.weight")

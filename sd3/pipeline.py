@@ -104,6 +104,9 @@ class SD3Pipeline(ConceptPipeline):
         device = check_device(device)
         memory = memory_mode(memory, offload)
         root = Path(source).parent if Path(source).is_file() else source
+        weights.check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))  # no data
+        weights.check_files(source, ("sd3", "sd3_autoencoder"))  # read: every file checked before the weights load
+        shift = scheduler_shift(root) if Path(str(root)).is_dir() else SHIFT
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
             transformer = weights.load_sd3(source, "cpu", weights.resolve_device_dtype("sd3", device, dtype)[1])
         else:
@@ -119,7 +122,6 @@ class SD3Pipeline(ConceptPipeline):
             width=transformer.config.joint_attention_dim,
         )
         autoencoder = weights.load_sd3_autoencoder(source, device, dtype)
-        shift = scheduler_shift(root) if Path(str(root)).is_dir() else SHIFT
         return cls(transformer, autoencoder, text, device, dtype, str(source), shift, memory)
 
     @property
@@ -228,13 +230,13 @@ class SD3Pipeline(ConceptPipeline):
 def sd3_facts(source: str | Path):
     """What the command line checks its arguments against, from the headers and small files of an SD3.5 snapshot."""
     import weights
-    from commands import ModelFacts, check_files
+    from commands import ModelFacts
     from weights.configs import count_blocks
 
     tensors = weights.read_weights(weights.locate(source, "sd3"))
     root = Path(source).parent if Path(source).is_file() else source
-    check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))
-    check_files(source, ("sd3", "sd3_autoencoder"))
+    weights.check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))
+    weights.check_files(source, ("sd3", "sd3_autoencoder"))
     if Path(str(root)).is_dir():
         scheduler_shift(root)  # a damaged scheduler_config.json
     single = "model.diffusion_model.x_embedder.proj.weight"

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from test_cogvideox_pipeline import snapshot as cogvideox_snapshot
 from test_flux_pipeline import write_snapshot as flux_snapshot
 from test_sd3_pipeline import snapshot  # noqa: F401 (the module's fixture: a tiny SD3.5 snapshot)
@@ -113,3 +114,18 @@ def test_every_file_of_a_flux_snapshot(tmp_path_factory, tmp_path, capsys, monke
     folder = tmp_path_factory.mktemp("flux") / "tiny-flux-schnell"
     flux_snapshot(folder, dev=False)
     assert sweep("flux", folder, ["--size", "32"], tmp_path, capsys, monkeypatch) == []
+
+
+def test_the_api_says_it_before_any_weights_load_too(snapshot, tmp_path, monkeypatch):  # noqa: F811
+    """`from_pretrained` checks every component on the meta device first: a damaged config of the last text encoder
+    is an error before a single weight is read (it came after the transformer had loaded)."""
+    import weights
+
+    case = tmp_path / "case"
+    shutil.copytree(snapshot[0], case)
+    (case / "text_encoder_3" / "config.json").write_text("[1, 2]")
+    filled = []
+    monkeypatch.setattr(weights, "fill", lambda *args: filled.append(args))
+    with pytest.raises(weights.CheckpointError, match="text_encoder_3/config.json is a JSON list"):
+        concept_attention.ConceptAttentionPipeline.from_pretrained(case, device="cpu")
+    assert filled == []

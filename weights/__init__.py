@@ -56,6 +56,7 @@ from .sd3 import family, load_sd3, load_sd3_autoencoder
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "check_files",
     "family",
     "load_autoencoder",
     "load_clip_encoder",
@@ -223,3 +224,22 @@ def t5_max_length(source: str | Path = DEFAULT_REPO) -> int:
     except FileNotFoundError:
         return length
     return tokenizer_length(tokenizer.root / tokenizer.layout.folder, length, source)
+
+
+def check_files(source, components: tuple[str, ...], tokenizers: tuple[str, ...] = ()) -> None:
+    """`components` loaded on the meta device (files found, headers, configs, tensor names and shapes checked, no data
+    read) and `tokenizers` read, so that a missing or damaged file of any component is said before the weights load."""
+    from .cogvideox import load_cogvideox_autoencoder, load_cogvideox_transformer
+
+    loaders = {"flux": load_flux, "autoencoder": load_autoencoder, "sd3": load_sd3,
+               "sd3_autoencoder": load_sd3_autoencoder, "cogvideox": load_cogvideox_transformer,
+               "cogvideox_autoencoder": load_cogvideox_autoencoder}  # fmt: skip
+    for component in components:
+        if component in loaders:
+            loaders[component](source, "meta")
+        elif "t5" in component:
+            load_t5_encoder(source, "meta", component=component)
+        else:
+            load_clip_encoder(source, "meta", component=component)
+    for component in tokenizers:
+        load_clip_tokenizer(source, component=component)
