@@ -15,7 +15,7 @@ from test_t5 import reference as t5_reference
 import clip
 import t5
 from concept_attention import ConceptAttentionPipeline
-from tiny import random_state, train_spiece
+from tiny import diffusers_vae, random_state, randomize_like_trained, train_spiece
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -41,14 +41,8 @@ def write_snapshot(folder, dev: bool):
         joint_attention_dim=T5_CONFIG.d_model, pooled_projection_dim=CLIP_CONFIG.hidden_size, guidance_embeds=dev,
         axes_dims_rope=(4, 6, 6),
     )  # fmt: skip
-    with torch.no_grad():
-        for key, p in transformer.named_parameters():
-            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
-    )  # fmt: skip
+    randomize_like_trained(transformer)
+    vae = diffusers_vae(scaling_factor=0.3611, shift_factor=0.1159)
     scheduler = (  # black-forest-labs/FLUX.1-dev's and -schnell's scheduler_config.json
         diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=4096)
@@ -57,7 +51,7 @@ def write_snapshot(folder, dev: bool):
     pipe = diffusers.FluxPipeline(
         transformer=transformer.eval(),
         scheduler=scheduler,
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=clip_ref.eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
         text_encoder_2=t5_ref.eval(),

@@ -16,7 +16,7 @@ import t5
 from concept_attention import ConceptAttentionPipeline
 from saliency import Settings
 from sd3.pipeline import SD3Pipeline
-from tiny import random_state, train_spiece
+from tiny import diffusers_vae, random_state, randomize_like_trained, train_spiece
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -43,18 +43,12 @@ def snapshot(tmp_path_factory):
         pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=64,
         qk_norm="rms_norm",
     )  # fmt: skip
-    with torch.no_grad():
-        for key, p in transformer.named_parameters():
-            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
-    )  # fmt: skip
+    randomize_like_trained(transformer)
+    vae = diffusers_vae(scaling_factor=1.5305, shift_factor=0.0609)
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=encoders["l"].eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(source / "tokenizer")),
         text_encoder_2=encoders["g"].eval(),

@@ -88,3 +88,24 @@ def write_model_folder(folder, seed: int = 0, max_length: int = 16) -> None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / f"{stem}.safetensors")
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(module.config).items()}
         (folder / f"{stem}_config.json").write_text(json.dumps(config))
+
+
+def randomize_like_trained(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Weights N(0, std^2) from the global generator, norm weights near 1 (as in trained models): a diffusers
+    transformer that changes its input in every layer."""
+    with torch.no_grad():
+        for key, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape) * std + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
+    return module
+
+
+def diffusers_vae(scaling_factor: float, shift_factor: float):
+    """A tiny diffusers `AutoencoderKL` in the layout of FLUX.1's and SD3.5's `vae/` (16 latent channels, 4 levels, 8x
+    downsampling, no quant convs) with the given latent scale and shift."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling_factor, shift_factor=shift_factor,
+    ).eval()  # fmt: skip
