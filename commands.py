@@ -39,7 +39,6 @@ from concept_attention import (
     MAX_SAMPLES,
     MAX_STEPS,
     ConceptAttentionPipeline,
-    has_clip,
     native_size,
     sampling_defaults,
 )
@@ -57,7 +56,7 @@ from saliency import (
 )
 from sampling import check_size
 from shapes.scenes import world_words
-from video import TIME_FACTOR
+from video import latent_frames
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -196,9 +195,6 @@ def model_facts(source: str | Path) -> ModelFacts:
 
         return cogvideox_facts(source)
     flux = weights.read_weights(weights.locate(source, "flux"))
-    clip = has_clip(source)
-    weights.check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if clip else 3],
-                        ("clip_tokenizer",) if clip else ())  # fmt: skip
     depth = count_blocks(flux, "double_blocks") or count_blocks(flux, "transformer_blocks")
     embed = flux.get("img_in.weight") or flux.get("x_embedder.weight")
     ae = weights.read_weights(weights.locate(source, "autoencoder")).get("encoder.conv_in.weight")
@@ -294,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         size = check_arguments(args, settings, facts)
         check_size(*size)
         video = args.command == "generate" and facts.family == "cogvideox"  # explain's clip is counted once read
-        latent_frames = 1 + (args.frames - 1) // TIME_FACTOR if video else 1
         imaging.check_memory(*size, device, run_dtype, facts.ae_channels, facts.hidden_size, facts.max_length,
-                             latent_frames)  # fmt: skip
+                             latent_frames(args.frames) if video else 1)  # fmt: skip
         prompt = args.prompt
         notes = text_warnings(facts.tokenizer, facts.max_length, prompt, concepts, settings.softmax)
         for note in notes + unseen_words(concepts, facts.known_words):

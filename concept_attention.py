@@ -460,9 +460,9 @@ class ConceptAttentionPipeline(ConceptPipeline):
             return CogVideoXPipeline.from_pretrained(source, device, dtype, offload, memory)
         device = check_device(device)
         memory = memory_mode(memory, offload)
-        clip = has_clip(source)  # every file checked before the weights load (on the meta device: no data read)
-        weights.check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if clip else 3],
-                            ("clip_tokenizer",) if clip else ())  # fmt: skip
+        with_clip = has_clip(source)  # every file checked before any weight is read (on the meta device)
+        weights.check_files(source, ("flux", "autoencoder", "t5", "clip")[: 4 if with_clip else 3],
+                            ("clip_tokenizer",) if with_clip else ())  # fmt: skip
         text_device = "cpu" if memory != "full" else device
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
             flux_dtype = weights.resolve_device_dtype("flux", device, dtype)[1]
@@ -471,12 +471,10 @@ class ConceptAttentionPipeline(ConceptPipeline):
             flux = weights.load_flux(source, device=device, dtype=dtype)
         autoencoder = weights.load_autoencoder(source, device=device, dtype=dtype)
         t5 = weights.load_t5_encoder(source, device=text_device, dtype=dtype)
-        clip_tokenizer = None  # a folder with no CLIP at all (the built-in model's): a zero pooled vector
-        if clip:
+        clip = clip_tokenizer = None  # a folder with no CLIP at all (the built-in model's): a zero pooled vector
+        if with_clip:
             clip = weights.load_clip_encoder(source, text_device, dtype)
             clip_tokenizer = weights.load_clip_tokenizer(source)
-        else:
-            clip = None
         t5_tokenizer = weights.load_t5_tokenizer(source)
         max_length = weights.t5_max_length(source)
         return cls(flux, autoencoder, t5, t5_tokenizer, clip, clip_tokenizer, device, dtype, max_length=max_length,

@@ -63,6 +63,11 @@ def save_animation(frames: list[Image.Image], path: str | Path, fps: float = 8.0
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0, lossless=True)
 
 
+def latent_frames(frames: int) -> int:
+    """Latent frames of a clip of 1 + 4k frames: the first alone, then one per TIME_FACTOR."""
+    return 1 + (frames - 1) // TIME_FACTOR
+
+
 def latent_index(frame: int) -> int:
     """The latent frame a decoded frame belongs to."""
     return 0 if frame == 0 else (frame - 1) // TIME_FACTOR + 1

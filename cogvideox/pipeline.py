@@ -38,7 +38,7 @@ from mmdit import ConceptInput
 from mmdit.memory import prepare_flux, prepare_t5
 from saliency import PADDING, MapCollector, Settings, check_concepts, family_settings
 from sampling import check_size
-from video import TIME_FACTOR, VideoResult
+from video import TIME_FACTOR, VideoResult, latent_frames
 
 from .autoencoder import VideoAutoEncoder
 from .model import CogVideoX
@@ -151,10 +151,9 @@ class CogVideoXPipeline(ConceptPipeline):
     # ---- the family's hooks ----------------------------------------------------------------------------------------
     def _check_memory(self, height: int, width: int) -> None:
         """The image estimate with the latent frames stacked: the tokens grow with the frames."""
-        latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
-        cfg = self.autoencoder.config
+        cfg, frames = self.autoencoder.config, latent_frames(self._frames)
         imaging.check_memory(height, width, self.device, self.dtype, cfg.block_out_channels[0],
-                             self.transformer.config.inner_dim, self.max_length, latent_frames)  # fmt: skip
+                             self.transformer.config.inner_dim, self.max_length, frames)  # fmt: skip
 
     @torch.no_grad()
     def _conditioning(self, prompt: str, guidance: float, height: int, width: int) -> dict:
@@ -169,7 +168,7 @@ class CogVideoXPipeline(ConceptPipeline):
 
     def _initial_latents(self, height: int, width: int, seed: int, generator=None) -> Tensor:
         check_size(height, width)
-        shape = (1, 1 + (self._frames - 1) // TIME_FACTOR, self.transformer.config.in_channels, height // 8, width // 8)
+        shape = (1, latent_frames(self._frames), self.transformer.config.in_channels, height // 8, width // 8)
         generator = generator or torch.Generator("cpu").manual_seed(seed)
         return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)  # (1, F, Z, h, w)
 
@@ -211,10 +210,10 @@ class CogVideoXPipeline(ConceptPipeline):
         return [imaging.to_pil(video[:, i]) for i in range(video.shape[1])]
 
     def _result(self, frames, concepts, collector: MapCollector, height, width, settings, record) -> VideoResult:
-        latent_frames = 1 + (self._frames - 1) // TIME_FACTOR
+        count = latent_frames(self._frames)
         h, w = height // 16, width // 16
-        maps = (collector.total / collector.count).reshape(len(concepts), latent_frames, h, w)
-        record = {**record, "frames": len(frames), "latent_frames": latent_frames}
+        maps = (collector.total / collector.count).reshape(len(concepts), count, h, w)
+        record = {**record, "frames": len(frames), "latent_frames": count}
         return VideoResult(frames[0], concepts, maps, settings, record, collector.layers, None, frames=frames)
 
     # ---- explain: a clip ---------------------------------------------------------------------------------------------
@@ -287,9 +286,6 @@ def cogvideox_facts(source: str | Path):
 
     found = weights.locate(source, "cogvideox")
     tensors = weights.read_weights(found)
-    weights.check_files(source, ("cogvideox", "cogvideox_autoencoder", "cogvideox_t5"))
-    scheduler = weights.locate(source, "cogvideox_scheduler")  # missing or damaged: said before the weights load
-    NoiseSchedule.from_file(scheduler.root / scheduler.layout.folder / "scheduler_config.json")
     embed = tensors.get("patch_embed.proj.weight")
     return ModelFacts(
         str(source), count_blocks(tensors, "transformer_blocks"), embed.shape[0] if embed else 3072, 128, MAX_LENGTH,

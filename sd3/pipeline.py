@@ -104,8 +104,9 @@ class SD3Pipeline(ConceptPipeline):
         device = check_device(device)
         memory = memory_mode(memory, offload)
         root = Path(source).parent if Path(source).is_file() else source
-        weights.check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))  # no data
-        weights.check_files(source, ("sd3", "sd3_autoencoder"))  # read: every file checked before the weights load
+        # every file checked before any weight is read (on the meta device), the command line's too
+        weights.check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))
+        weights.check_files(source, ("sd3", "sd3_autoencoder"))
         shift = scheduler_shift(root) if Path(str(root)).is_dir() else SHIFT
         if memory in ("stream", "fp8"):  # the dtype meant for `device`, read into host memory
             transformer = weights.load_sd3(source, "cpu", weights.resolve_device_dtype("sd3", device, dtype)[1])
@@ -235,10 +236,6 @@ def sd3_facts(source: str | Path):
 
     tensors = weights.read_weights(weights.locate(source, "sd3"))
     root = Path(source).parent if Path(source).is_file() else source
-    weights.check_files(root, ("clip", "clip_2", "sd3_t5"), ("clip_tokenizer", "clip_2_tokenizer"))
-    weights.check_files(source, ("sd3", "sd3_autoencoder"))
-    if Path(str(root)).is_dir():
-        scheduler_shift(root)  # a damaged scheduler_config.json
     single = "model.diffusion_model.x_embedder.proj.weight"
     depth = count_blocks(tensors, "transformer_blocks") or count_blocks(tensors, "model.diffusion_model.joint_blocks")
     embed = tensors.get("pos_embed.proj.weight") or tensors.get(single)

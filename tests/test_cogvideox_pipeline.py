@@ -283,6 +283,7 @@ def test_the_segmentation_benchmark_refuses_a_video_model(pair, tmp_path, capsys
 
 
 def test_a_missing_scheduler_is_said_before_any_weights_load(pair, tmp_path, capsys, monkeypatch):
+    import weights
     from concept_attention import main
 
     ours, _ = pair
@@ -290,9 +291,9 @@ def test_a_missing_scheduler_is_said_before_any_weights_load(pair, tmp_path, cap
     shutil.copytree(ours.source, bare, ignore=shutil.ignore_patterns("scheduler"))
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the weights were loaded before the snapshot was checked")
+        raise AssertionError("weights were read before the snapshot was checked")
 
-    monkeypatch.setattr(ConceptAttentionPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(weights, "fill", refuse)
     argv = ["generate", "--model", str(bare), "--prompt", "a cat", "--concepts", "cat", "sky", "--frames", "5",
             "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 2

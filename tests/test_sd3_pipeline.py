@@ -16,7 +16,7 @@ import t5
 from concept_attention import ConceptAttentionPipeline
 from saliency import Settings
 from sd3.pipeline import SD3Pipeline
-from tiny import diffusers_vae, random_state, randomize_like_trained, train_spiece
+from tiny import diffusers_vae, pixel_difference, random_state, randomize_like_trained, train_spiece
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -79,9 +79,7 @@ def test_generate_gives_diffusers_image(snapshot, ours, guidance):
         prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(7), output_type="np", max_sequence_length=MAX_LENGTH,
     ).images[0]  # fmt: skip
-    ours_pixels = np.asarray(result.image, dtype=np.int32)
-    theirs = np.round(expected * 255).astype(np.int32)
-    diff = np.abs(ours_pixels - theirs).max()
+    diff, _ = pixel_difference(result.image, expected)
     print(f"guidance {guidance}: max pixel difference {diff} (of 255)")
     assert diff <= 1
     assert result.maps.shape == (2, height // 16, width // 16)

@@ -109,3 +109,12 @@ def diffusers_vae(scaling_factor: float, shift_factor: float):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=scaling_factor, shift_factor=shift_factor,
     ).eval()  # fmt: skip
+
+
+def pixel_difference(image, expected) -> tuple[int, float]:
+    """The largest difference, in levels of 255, between a PIL image and a diffusers pipeline's `output_type="np"`
+    image in [0, 1] (rounded as diffusers' own PIL output is), and the spread of diffusers' pixels."""
+    import numpy as np
+
+    theirs = np.round(expected * 255).astype(np.int32)
+    return int(np.abs(np.asarray(image, dtype=np.int32) - theirs).max()), float(theirs.std())
